@@ -1,0 +1,78 @@
+"""The ``vn30-qlib`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_PROVIDER = "~/.qlib/qlib_data/vn30_sim"
+
+
+def _data_ingest(args: argparse.Namespace) -> int:
+    from vn30_qlib.data.ingest import IngestOptions, format_report, ingest
+
+    report = ingest(args.source, args.out, index_file=args.index,
+                    options=IngestOptions(date_column=args.date_column, price_unit=args.price_unit))
+    print(format_report(report))
+    print(f"provider written to {Path(args.out).expanduser()} (report: ingest_report.json)")
+    return 0
+
+
+def _data_simulate(args: argparse.Namespace) -> int:
+    from vn30_qlib.data.simulate import write_simulated_provider
+
+    out = write_simulated_provider(args.out, seed=args.seed, signal=args.signal)
+    print(f"simulated VN30 market (seed {args.seed}, signal {args.signal}) written to {out}")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from vn30_qlib.data.check import check_provider, format_check
+
+    summary = check_provider(args.provider)
+    print(json.dumps(summary, indent=2) if args.json else format_check(summary))
+    return 1 if summary["problems"] else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vn30-qlib", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    data = commands.add_parser("data", help="build and check Qlib providers").add_subparsers(dest="action", required=True)
+
+    p = data.add_parser("ingest", help="CSV exports (one file per symbol) -> Qlib provider")
+    p.add_argument("--source", required=True, help="folder of {SYMBOL}.csv files")
+    p.add_argument("--out", required=True, help="provider folder to write (replaced only when complete)")
+    p.add_argument("--index", help="optional index CSV, ingested as instrument VN30 (market 'index')")
+    p.add_argument("--date-column", default="time", help="name of the date column (default: time)")
+    p.add_argument("--price-unit", default="thousand_vnd", choices=["thousand_vnd", "vnd"],
+                   help="unit of the input prices; the provider always stores thousands of VND")
+    p.set_defaults(handler=_data_ingest)
+
+    p = data.add_parser("simulate", help="write the simulated VN30 market (the offline default)")
+    p.add_argument("--out", default=DEFAULT_PROVIDER, help=f"provider folder (default: {DEFAULT_PROVIDER})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--signal", type=float, default=0.05,
+                   help="strength of the planted predictable component (0 = pure noise)")
+    p.set_defaults(handler=_data_simulate)
+
+    p = data.add_parser("check", help="load a provider through Qlib and verify every field round-trips")
+    p.add_argument("provider", help="provider folder")
+    p.add_argument("--json", action="store_true", help="print the full summary as JSON")
+    p.set_defaults(handler=_data_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from vn30_qlib.data.ingest import IngestError
+
+    try:
+        return args.handler(args)
+    except (IngestError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
