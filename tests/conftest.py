@@ -23,3 +23,43 @@ def real_provider(shared_vn30: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("real") / "provider"
     ingest(shared_vn30 / "prices", out, index_file=shared_vn30 / "index" / "VN30.csv")
     return out
+
+
+@pytest.fixture(scope="session")
+def sim_provider(tmp_path_factory: pytest.TempPathFactory):
+    """Simulated markets by planted signal strength, built once per session: ``sim_provider(0.1)``."""
+    from vn30_qlib.data.simulate import write_simulated_provider
+
+    built: dict[float, Path] = {}
+
+    def build(signal: float) -> Path:
+        if signal not in built:
+            built[signal] = write_simulated_provider(tmp_path_factory.mktemp(f"sim_{signal}") / "provider", seed=0, signal=signal)
+        return built[signal]
+
+    return build
+
+
+def run_qrun(workflow: str, provider: Path, workdir: Path, experiment: str, extra_env: dict | None = None):
+    """Run ``qrun workflows/{workflow}`` as a user would, in ``workdir``; return the run's recorder."""
+    import os
+    import subprocess
+    import sys
+
+    import qlib
+    from qlib.workflow import R
+
+    env = {**os.environ, "VN30_PROVIDER": str(provider), "VN30_EXPERIMENT": experiment, **(extra_env or {})}
+    qrun = Path(sys.executable).parent / "qrun"
+    result = subprocess.run([str(qrun), str(REPO / "workflows" / workflow)], cwd=workdir, env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, f"qrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    qlib.init(provider_uri=str(provider), region="cn", kernels=1,
+              exp_manager={"class": "MLflowExpManager", "module_path": "qlib.workflow.expm",
+                           "kwargs": {"uri": f"sqlite:///{workdir / 'mlruns.db'}", "default_exp_name": "vn30"}})
+    recorders = R.list_recorders(experiment_name=experiment)
+    assert len(recorders) == 1
+    return next(iter(recorders.values()))
+
+
+REPO = Path(__file__).resolve().parents[1]

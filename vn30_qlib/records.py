@@ -1,0 +1,105 @@
+"""Recorder records shared by the VN30 workflows (added to a YAML's ``task.record`` list)."""
+from __future__ import annotations
+
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from qlib.config import C  # noqa: E402
+from qlib.log import get_module_logger  # noqa: E402
+from qlib.workflow.record_temp import PortAnaRecord, RecordTemp, SignalRecord  # noqa: E402
+
+from vn30_qlib.data.ingest import INDEX_SYMBOL  # noqa: E402
+from vn30_qlib.data.provider import read_instruments  # noqa: E402
+
+
+class PredictionErrorRecord(RecordTemp):
+    """Logs MSE and MAE of the test predictions against the raw (unnormalised) label.
+
+    The models learn a per-day z-scored label, so the errors measure scale as well as ordering: compare them
+    between models of one workflow, not with a return forecast's error.
+    """
+
+    artifact_path = "prediction_error"
+    depend_cls = SignalRecord
+
+    def generate(self, **kwargs) -> dict:
+        pred = self.load("pred.pkl").iloc[:, 0]
+        label = self.load("label.pkl").iloc[:, 0]
+        both = pd.concat([pred, label], axis=1, keys=["pred", "label"]).dropna()
+        if both.empty:
+            raise ValueError("no test day has both a prediction and a label: cannot compute MSE/MAE")
+        error = both["pred"] - both["label"]
+        metrics = {"test_mse": float((error**2).mean()), "test_mae": float(error.abs().mean()),
+                   "test_rows": float(len(both))}
+        self.recorder.log_metrics(**metrics)
+        self.save(**{"metrics.pkl": pd.Series(metrics)})
+        return metrics
+
+    def list(self) -> list[str]:
+        return [self.get_path("metrics.pkl")]
+
+
+class FeatureImportanceRecord(RecordTemp):
+    """Saves the model's feature importance (LightGBM: total gain) as a table and a bar plot of the top features.
+
+    It sits in the shared record list, so for a model without ``get_feature_importance`` it logs that there is
+    none and saves nothing.
+    """
+
+    artifact_path = "feature_importance"
+
+    def __init__(self, recorder, model, dataset, importance_type: str = "gain", top: int = 30):
+        super().__init__(recorder=recorder)
+        self.model, self.dataset, self.importance_type, self.top = model, dataset, importance_type, top
+
+    def generate(self, **kwargs) -> pd.Series | None:
+        if not hasattr(self.model, "get_feature_importance"):
+            get_module_logger("FeatureImportanceRecord").info(f"{type(self.model).__name__} reports no importance")
+            return None
+        importance = self.model.get_feature_importance(importance_type=self.importance_type)
+        # Qlib's LGBModel trains on bare arrays, so LightGBM names the features Column_0, Column_1, ...
+        names = self.dataset.handler.get_cols(col_set="feature")
+        importance.index = [names[int(c.split("_")[1])] if str(c).startswith("Column_") else c for c in importance.index]
+        importance = importance.sort_values(ascending=False).rename(f"importance_{self.importance_type}")
+        self.save(**{"importance.pkl": importance})
+        with TemporaryDirectory() as tmp:
+            csv_path = Path(tmp) / "importance.csv"
+            importance.to_csv(csv_path, header=True, index_label="feature")
+            png_path = Path(tmp) / "importance.png"
+            top = importance.head(self.top)[::-1]
+            fig, ax = plt.subplots(figsize=(7, 0.22 * len(top) + 1.2))
+            ax.barh(top.index, top.to_numpy())
+            ax.set_xlabel(f"{self.importance_type} importance")
+            ax.set_title(f"Top {len(top)} features")
+            fig.tight_layout()
+            fig.savefig(png_path, dpi=110)
+            plt.close(fig)
+            self.recorder.log_artifact(str(csv_path), artifact_path=self.artifact_path)
+            self.recorder.log_artifact(str(png_path), artifact_path=self.artifact_path)
+        return importance
+
+    def list(self) -> list[str]:
+        return [self.get_path("importance.pkl"), self.get_path("importance.csv"), self.get_path("importance.png")]
+
+
+def resolve_benchmark(provider_dir: str | Path, market: str = "vn30") -> str | list[str]:
+    """The VN30 index when the provider has it, else the market's symbols (Qlib averages their daily returns)."""
+    root = Path(provider_dir).expanduser()
+    if (root / "features" / INDEX_SYMBOL.lower() / "close.day.bin").is_file():
+        return INDEX_SYMBOL
+    return read_instruments(root, market)["symbol"].tolist()
+
+
+class VN30PortAnaRecord(PortAnaRecord):
+    """`PortAnaRecord` whose ``benchmark: auto`` becomes the VN30 index, or an equal-weight VN30 without one."""
+
+    def __init__(self, recorder, config: dict, market: str = "vn30", **kwargs):
+        backtest = dict(config["backtest"])
+        if backtest.get("benchmark") == "auto":
+            backtest["benchmark"] = resolve_benchmark(C.dpm.get_data_uri("day"), market)
+        super().__init__(recorder=recorder, config={**config, "backtest": backtest}, **kwargs)
