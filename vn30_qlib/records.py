@@ -87,6 +87,24 @@ class FeatureImportanceRecord(RecordTemp):
         return [self.get_path("importance.pkl"), self.get_path("importance.csv"), self.get_path("importance.png")]
 
 
+class ModelDiagnosticsRecord(RecordTemp):
+    """Lets a model save its own diagnostics: calls ``model.record_diagnostics(dataset, recorder)`` if defined.
+
+    It sits in the shared record list so that model-specific outputs (e.g. the TFT's quantiles, attention and
+    variable-selection weights) need no copy of the whole record list in the model's YAML.
+    """
+
+    def __init__(self, recorder, model, dataset):
+        super().__init__(recorder=recorder)
+        self.model, self.dataset = model, dataset
+
+    def generate(self, **kwargs) -> None:
+        if hasattr(self.model, "record_diagnostics"):
+            self.model.record_diagnostics(self.dataset, self.recorder)
+        else:
+            get_module_logger("ModelDiagnosticsRecord").info(f"{type(self.model).__name__} has no diagnostics")
+
+
 def resolve_benchmark(provider_dir: str | Path, market: str = "vn30") -> str | list[str]:
     """The VN30 index when the provider has it, else the market's symbols (Qlib averages their daily returns)."""
     root = Path(provider_dir).expanduser()
