@@ -1,0 +1,173 @@
+"""The loop's benchmark report: Markdown + self-contained HTML, PNG plots, and CSV/JSON exports of every metric.
+
+Built from the model store (latest version of every entry, failures) and the recorder (the raw test labels
+of the pooled runs, for the cumulative-IC plot). The CSV/JSON export is the baseline the next study
+(concept-drift adaptation, DDG-DA) compares against.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from vn30_qlib import store  # noqa: E402
+from vn30_qlib.metrics import daily_ic  # noqa: E402
+
+METRIC_COLUMNS = ["ic", "rank_ic", "mse", "mae", "hit_rate", "days", "degenerate"]
+
+
+def collect(store_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+    """(per-symbol metric rows, pooled cross-sectional rows, failures) from the latest stored versions."""
+    root = Path(store_root)
+    rows, pooled = [], []
+    entries = sorted(p for p in root.glob("symbols/*/*") if p.is_dir()) + sorted(p for p in root.glob("pooled/*") if p.is_dir())
+    for entry in entries:
+        version = store.latest(entry)
+        if version is None:
+            continue
+        meta = store.read_metadata(version)
+        for symbol, values in meta["metrics"]["per_symbol"].items():
+            rows.append({"symbol": symbol, "model": meta["model"], "mode": meta["mode"],
+                         **{k: values[k] for k in METRIC_COLUMNS}, "version": str(version.relative_to(root)),
+                         "fit_s": meta["timings"]["fit_s"], "mlflow_run_id": meta["mlflow_run_id"]})
+        if meta["mode"] == "pooled":
+            pooled.append({"model": meta["model"], **meta["metrics"]["cross_sectional"],
+                           "version": str(version.relative_to(root)), "mlflow_run_id": meta["mlflow_run_id"],
+                           "provider": meta["provider"], "data_span": meta["data_span"]})
+    failures = [json.loads(p.read_text()) for p in sorted(root.glob("failures/*.json"))]
+    return pd.DataFrame(rows), pd.DataFrame(pooled), failures
+
+
+def _png(fig) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _distribution_plot(metrics: pd.DataFrame) -> bytes:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    groups = [(f"{m}\n{mode}", g["rank_ic"].dropna().astype(float)) for (m, mode), g in metrics.groupby(["model", "mode"])]
+    ax.boxplot([g for _, g in groups], tick_labels=[name for name, _ in groups])
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_ylabel("time-series Rank IC per symbol (test)")
+    return _png(fig)
+
+
+def _cumulative_ic_plot(pooled: pd.DataFrame, tracking_uri: str) -> bytes | None:
+    from mlflow.tracking import MlflowClient
+
+    if pooled.empty:
+        return None
+    client = MlflowClient(tracking_uri=tracking_uri)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for _, row in pooled.iterrows():
+        pred = pd.read_pickle(Path(row["_root"]) / row["version"] / "pred.pkl")
+        label = pd.read_pickle(client.download_artifacts(row["mlflow_run_id"], "label.pkl"))
+        daily_ic(pred, label.iloc[:, 0] if isinstance(label, pd.DataFrame) else label).cumsum().plot(ax=ax, label=row["model"])
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_ylabel("cumulative daily Rank IC (pooled)")
+    ax.legend()
+    return _png(fig)
+
+
+def describe_setup(version: Path) -> dict:
+    """Universe, period, label and costs of a stored version, stated next to every metric of the report."""
+    _, task, _, meta = store.load(version)
+    handler = task["dataset"]["kwargs"]["handler"]["kwargs"]
+    backtest = next((r["kwargs"]["config"] for r in task.get("record", []) if r["class"] == "VN30PortAnaRecord"), None)
+    costs = "none: prediction metrics only"
+    if backtest:
+        ex = backtest["backtest"]["exchange_kwargs"]
+        costs = (f"prediction metrics carry no costs; the workflows' backtests use buy {ex['open_cost']:.2%}, "
+                 f"sell {ex['close_cost']:.2%} (incl. 0.1 % tax), lot {ex['trade_unit']}, "
+                 f"limit +-{ex['limit_threshold']:.0%}, deal at {ex['deal_price']}")
+    span = meta["data_span"]
+    return {
+        "universe": "VN30 as listed in October 2025, applied to all history (survivorship bias: today's "
+                    "constituents were chosen with hindsight)",
+        "period": ", ".join(f"{name} {start[:10]} .. {end[:10]}" for name, (start, end) in span.items()),
+        "label": "Ref($close, -2) / Ref($close, -1) - 1 (signal at day t, traded at the close of t+1)"
+                 + ("" if "label" not in handler else f" ({handler['label']})"),
+        "costs": costs,
+        "provider": f"{meta['provider']['path']} (sha256 {meta['provider']['sha256'][:12]}, "
+                    f"{meta['provider']['first_day']} .. {meta['provider']['last_day']})",
+    }
+
+
+def build_report(store_root: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Write report.md, report.html, the PNGs, metrics.csv and metrics.json into ``out_dir``."""
+    root, out = Path(store_root), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics, pooled, failures = collect(root)
+    if metrics.empty:
+        raise ValueError(f"{root}: no stored versions to report on")
+    header = describe_setup(root / metrics["version"].iloc[0])
+    pooled = pooled.assign(_root=str(root))
+    images = {"rank_ic_distribution.png": _distribution_plot(metrics)}
+    cumulative = _cumulative_ic_plot(pooled, f"sqlite:///{root.resolve() / 'mlruns.db'}")
+    if cumulative:
+        images["cumulative_ic.png"] = cumulative
+    for name, data in images.items():
+        (out / name).write_bytes(data)
+    metrics.to_csv(out / "metrics.csv", index=False)
+    export = {"header": header, "per_symbol": metrics.to_dict(orient="records"),
+              "pooled_cross_sectional": pooled.drop(columns="_root").to_dict(orient="records"), "failures": failures}
+    (out / "metrics.json").write_text(json.dumps(export, indent=2, default=str))
+
+    table = metrics.pivot_table(index="symbol", columns=["model", "mode"], values="rank_ic", aggfunc="first", dropna=False)
+    comparison = metrics.groupby(["model", "mode"]).agg(
+        mean_rank_ic=("rank_ic", lambda s: s.dropna().astype(float).mean()),
+        mean_ic=("ic", lambda s: s.dropna().astype(float).mean()),
+        mean_mse=("mse", "mean"), hit_rate=("hit_rate", "mean"),
+        degenerate=("degenerate", "sum"), symbols=("symbol", "nunique"))
+    degenerate = metrics[metrics["degenerate"].astype(bool)][["symbol", "model", "mode", "version"]]
+    sections = [
+        ("Setup", "\n".join(f"- **{k}**: {v}" for k, v in header.items())),
+        ("Per-symbol vs pooled (mean over symbols, test segment)", comparison.to_html(float_format="%.4f")),
+        ("Pooled models: daily cross-sectional IC", pooled.drop(columns=["_root", "provider", "data_span"], errors="ignore")
+         .to_html(index=False, float_format="%.4f") if not pooled.empty else "none"),
+        ("Time-series Rank IC by symbol and model (blank: degenerate)", table.to_html(float_format="%.4f", na_rep="")),
+        ("Degenerate entries (near-constant predictions)", degenerate.to_html(index=False) if len(degenerate) else "none"),
+        ("Failed entries", "<br>".join(html.escape(f"{f['workflow']} {f['mode']} {f['symbol']}: {f['error']}")
+                                      for f in failures) or "none"),
+    ]
+    body = "".join(f"<h2>{title}</h2>\n{content if content.startswith('<') else '<p>' + content.replace(chr(10), '<br>') + '</p>'}\n"
+                   for title, content in sections)
+    body += "".join(f"<h2>{name}</h2><img src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+                    for name, data in images.items())
+    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>VN30 baselines"
+                                     f"</title></head><body><h1>VN30 baseline report</h1>{body}</body></html>\n")
+    markdown = ["# VN30 baseline report", "", *[f"- **{k}**: {v}" for k, v in header.items()], "",
+                "## Per-symbol vs pooled (mean over symbols, test segment)", "", _markdown(comparison.reset_index()), "",
+                "## Pooled models: daily cross-sectional IC", "",
+                _markdown(pooled.drop(columns=["_root", "provider", "data_span"], errors="ignore")) if not pooled.empty else "none", "",
+                "## Time-series Rank IC by symbol and model (blank: degenerate)", "",
+                _markdown(table.set_axis([f"{m} {mode}" for m, mode in table.columns], axis=1).reset_index()), "",
+                "## Degenerate entries", "", _markdown(degenerate) if len(degenerate) else "none", "",
+                "## Failed entries", "", *([f"- {f['model'] if 'model' in f else Path(f['workflow']).stem} "
+                                             f"{f['mode']} {f['symbol']}: {f['error']}" for f in failures] or ["none"]), "",
+                *[f"![{name}]({name})" for name in images], ""]
+    (out / "report.md").write_text("\n".join(markdown))
+    return {name: out / name for name in ["report.md", "report.html", "metrics.csv", "metrics.json", *images]}
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "" if pd.isna(value) else f"{value:.4f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
