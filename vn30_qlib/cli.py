@@ -35,6 +35,34 @@ def _data_check(args: argparse.Namespace) -> int:
     return 1 if summary["problems"] else 0
 
 
+def _loop(args: argparse.Namespace) -> int:
+    from vn30_qlib.loop import run_loop
+
+    results = run_loop(args.workflows, args.provider, args.store, symbols=args.symbols, modes=args.modes,
+                       jobs=args.jobs, force=args.force)
+    counts = {status: sum(r["status"] == status for r in results) for status in ("done", "skipped", "failed")}
+    print(f"loop finished: {counts['done']} fitted, {counts['skipped']} already done, {counts['failed']} failed")
+    for failure in (r for r in results if r["status"] == "failed"):
+        print(f"  FAILED {failure['mode']} {failure['symbol'] or 'pooled'} {failure['workflow']}: {failure['error']}")
+    return 1 if counts["failed"] else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from vn30_qlib.report import build_report
+
+    for name, path in build_report(args.store, args.out).items():
+        print(f"wrote {path}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from vn30_qlib.store import validate
+
+    for version in args.versions:
+        print(f"{version}: OK, re-predicts the stored predictions (max abs difference {validate(Path(version)):.2e})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vn30-qlib", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,16 +88,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("provider", help="provider folder")
     p.add_argument("--json", action="store_true", help="print the full summary as JSON")
     p.set_defaults(handler=_data_check)
+
+    p = commands.add_parser("loop", help="train every VN30 symbol x workflow (per symbol and pooled) into the model store")
+    p.add_argument("workflows", nargs="+", help="workflow YAMLs, e.g. workflows/lgb_vn30.yaml")
+    p.add_argument("--provider", default=DEFAULT_PROVIDER)
+    p.add_argument("--store", default="models", help="model store folder (default: models)")
+    p.add_argument("--symbols", nargs="+", help="default: the provider's vn30 list")
+    p.add_argument("--modes", nargs="+", default=["per_symbol", "pooled"], choices=["per_symbol", "pooled"])
+    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--force", action="store_true", help="retrain entries already stored with this config and data")
+    p.set_defaults(handler=_loop)
+
+    p = commands.add_parser("report", help="Markdown/HTML report and CSV/JSON metrics from the model store")
+    p.add_argument("--store", default="models")
+    p.add_argument("--out", default="reports")
+    p.set_defaults(handler=_report)
+
+    p = commands.add_parser("validate", help="reload stored versions and prove they re-predict their predictions")
+    p.add_argument("versions", nargs="+", help="version folders, e.g. models/symbols/ACB/lgb/v0001")
+    p.set_defaults(handler=_validate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vn30_qlib.data.ingest import IngestError
+    from vn30_qlib.store import StoreError
 
     try:
         return args.handler(args)
-    except (IngestError, FileNotFoundError) as error:
+    except (IngestError, StoreError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

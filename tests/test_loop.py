@@ -1,0 +1,154 @@
+"""The symbol loop, the model store and the report, on the simulated market with a small LightGBM workflow."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+from vn30_qlib import store
+from vn30_qlib.loop import adapt_task, run_loop
+from vn30_qlib.metrics import time_series_metrics
+from vn30_qlib.report import build_report
+from vn30_qlib.workflow_config import load_workflow
+
+pytestmark = pytest.mark.slow
+SYMBOLS = ["ACB", "FPT"]
+
+
+@pytest.fixture(scope="module")
+def small_workflow(tmp_path_factory) -> Path:
+    """lgb_vn30.yaml with fewer boosting rounds (a user's own workflow on the same base)."""
+    text = (REPO / "workflows" / "lgb_vn30.yaml").read_text()
+    text = text.replace("BASE_CONFIG_PATH: base_vn30.yaml", f"BASE_CONFIG_PATH: {REPO / 'workflows' / 'base_vn30.yaml'}")
+    text = text.replace("            loss: mse\n", "            loss: mse\n            num_boost_round: 30\n")
+    path = tmp_path_factory.mktemp("wf") / "lgb_vn30.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def looped(small_workflow, sim_provider, tmp_path_factory):
+    store_root = tmp_path_factory.mktemp("loop") / "models"
+    results = run_loop([small_workflow], sim_provider(0.1), store_root, symbols=SYMBOLS + ["NOPE"], jobs=2,
+                       progress=False)
+    return store_root, results
+
+
+def test_per_symbol_mode_swaps_cross_sectional_label_norm(small_workflow, sim_provider):
+    task = load_workflow(small_workflow, {"VN30_PROVIDER": str(sim_provider(0.1))})["task"]
+    adapted = adapt_task(task, "per_symbol", "ACB")
+    handler = adapted["dataset"]["kwargs"]["handler"]["kwargs"]
+    assert handler["instruments"] == ["ACB"]
+    assert [p["class"] for p in handler["learn_processors"]] == ["DropnaLabel", "ZScoreNorm"]
+    assert adapt_task(task, "pooled", None) == task
+
+
+def test_loop_fills_the_store_and_records_the_failure(looped):
+    store_root, results = looped
+    status = {(r["mode"], r["symbol"]): r["status"] for r in results}
+    assert status == {("per_symbol", "ACB"): "done", ("per_symbol", "FPT"): "done",
+                      ("per_symbol", "NOPE"): "failed", ("pooled", None): "done"}
+    failure = json.loads((store_root / "failures" / "lgb__per_symbol__NOPE.json").read_text())
+    assert failure["error"] and "Traceback" in failure["traceback"]
+    for entry in [store_root / "symbols" / s / "lgb" for s in SYMBOLS] + [store_root / "pooled" / "lgb"]:
+        version = store.latest(entry)
+        assert version == entry / "v0001"
+        assert {p.name for p in version.iterdir()} == {"model.pkl", "config.yaml", "pred.pkl", "metadata.json"}
+        meta = store.read_metadata(version)
+        for key in ("provider", "config_hash", "data_span", "seed", "packages", "metrics", "timings",
+                    "mlflow_run_id", "created"):
+            assert key in meta, key
+        assert meta["provider"]["first_day"] == "2015-10-05" and len(meta["provider"]["sha256"]) == 64
+        assert store.validate(version) == 0.0
+    pooled = store.read_metadata(store.latest(store_root / "pooled" / "lgb"))
+    assert set(pooled["metrics"]["per_symbol"]) >= set(SYMBOLS) and pooled["metrics"]["cross_sectional"]["cs_rank_ic"] > 0.03
+
+
+def test_second_run_trains_nothing_and_force_retrains(looped, small_workflow, sim_provider):
+    store_root, _ = looped
+    again = run_loop([small_workflow], sim_provider(0.1), store_root, symbols=SYMBOLS, jobs=1, progress=False)
+    assert {r["status"] for r in again} == {"skipped"}
+    forced = run_loop([small_workflow], sim_provider(0.1), store_root, symbols=["ACB"], modes=["per_symbol"],
+                      force=True, progress=False)
+    assert forced[0]["status"] == "done" and store.latest(store_root / "symbols" / "ACB" / "lgb").name == "v0002"
+    assert (store_root / "symbols" / "ACB" / "lgb" / "v0001" / "model.pkl").is_file(), "versions are never overwritten"
+
+
+def test_validate_catches_tampering(looped, tmp_path):
+    store_root, _ = looped
+    source = store.latest(store_root / "symbols" / "FPT" / "lgb")
+    import shutil
+
+    version = tmp_path / "v0001"
+    shutil.copytree(source, version)
+    (version / "model.pkl").write_bytes((version / "model.pkl").read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(store.StoreError, match="model.pkl does not match the checksum"):
+        store.validate(version)
+    shutil.rmtree(version)
+    shutil.copytree(source, version)
+    # a consistent-looking but different model: swap in the pooled model and fix the checksum
+    (version / "model.pkl").write_bytes((store.latest(store_root / "pooled" / "lgb") / "model.pkl").read_bytes())
+    meta = store.read_metadata(version)
+    meta["sha256"]["model.pkl"] = store.sha256_file(version / "model.pkl")
+    (version / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(store.StoreError, match="re-prediction differs"):
+        store.validate(version)
+
+
+def test_report_from_store_and_recorder(looped, tmp_path):
+    store_root, _ = looped
+    files = build_report(store_root, tmp_path / "report")
+    markdown = files["report.md"].read_text()
+    assert "survivorship" in markdown and "Ref($close, -2)" in markdown and "0.15%" in markdown
+    assert "NOPE" in markdown, "failed entries are listed"
+    assert "| lgb | per_symbol |" in markdown and "| lgb | pooled |" in markdown
+    exported = pd.read_csv(files["metrics.csv"])
+    assert set(exported["mode"]) == {"per_symbol", "pooled"} and len(exported) == len(SYMBOLS) + 30
+    assert "data:image/png;base64," in files["report.html"].read_text()
+    for png in ("rank_ic_distribution.png", "cumulative_ic.png"):
+        assert files[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_degenerate_predictions_are_flagged_not_nan():
+    days = pd.bdate_range("2024-01-01", periods=50)
+    label = pd.Series(np.random.default_rng(0).normal(size=50), index=days)
+    flat = time_series_metrics(pd.Series(0.01, index=days), label)
+    assert flat["degenerate"] is True and flat["ic"] is None and flat["rank_ic"] is None
+    live = time_series_metrics(label + 0.1, label)
+    assert live["degenerate"] is False and live["ic"] == pytest.approx(1.0)
+
+
+def test_sigkill_mid_loop_leaves_every_version_loadable(small_workflow, sim_provider, tmp_path):
+    store_root = tmp_path / "models"
+    code = ("import sys; from vn30_qlib.loop import run_loop; "
+            f"run_loop([{str(small_workflow)!r}], {str(sim_provider(0.1))!r}, {str(store_root)!r}, "
+            "symbols=['ACB', 'FPT', 'VNM'], modes=['per_symbol'], jobs=2, progress=False)")
+    process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:  # kill while a version is being written
+        if list(store_root.glob("symbols/*/lgb/.partial-*")):
+            break
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    for entry in store_root.glob("symbols/*/lgb"):
+        for version in entry.glob("v[0-9]*"):
+            store.load(version)  # every numbered version is complete
+        if store.latest(entry):
+            assert store.validate(store.latest(entry)) == 0.0
+    resumed = run_loop([small_workflow], sim_provider(0.1), store_root, symbols=["ACB", "FPT", "VNM"],
+                       modes=["per_symbol"], jobs=2, progress=False)
+    assert {r["status"] for r in resumed} <= {"done", "skipped"}
+    assert all(store.latest(store_root / "symbols" / s / "lgb") for s in ["ACB", "FPT", "VNM"])
