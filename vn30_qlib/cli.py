@@ -63,6 +63,15 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from vn30_qlib.tune import tune
+
+    result = tune(args.workflow, args.provider, args.out, n_trials=args.trials)
+    print(f"{result['trials']} trials; best mean validation score {result['best_value']:.4f} with {result['best_params']}")
+    print(f"ready-to-run workflow: {result['tuned_workflow']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vn30-qlib", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="models")
     p.add_argument("--out", default="reports")
     p.set_defaults(handler=_report)
+
+    p = commands.add_parser("tune", help="Optuna search of a workflow's model kwargs by walk-forward CV")
+    p.add_argument("workflow", help="workflow YAML with a {name}.search.yaml beside it")
+    p.add_argument("--provider", default=DEFAULT_PROVIDER)
+    p.add_argument("--out", default="tuning", help="folder of the study (optuna.db) and its mlflow runs")
+    p.add_argument("--trials", type=int, help="total trials (default: n_trials of the search space); resumes")
+    p.set_defaults(handler=_tune)
 
     p = commands.add_parser("validate", help="reload stored versions and prove they re-predict their predictions")
     p.add_argument("versions", nargs="+", help="version folders, e.g. models/symbols/ACB/lgb/v0001")

@@ -47,12 +47,13 @@ def cross_sectional_metrics(pred: pd.Series, label: pd.Series) -> dict:
     daily = both.groupby(level="datetime")
     ic = daily.apply(lambda day: day["pred"].corr(day["label"])).dropna()
     rank_ic = daily.apply(lambda day: day["pred"].corr(day["label"], method="spearman")).dropna()
-    if ic.empty:
-        return {"cs_ic": None, "cs_icir": None, "cs_rank_ic": None, "cs_rank_icir": None, "cs_days": 0}
+    if is_degenerate(both["pred"], both["label"]) or ic.empty or rank_ic.empty:
+        return {"cs_ic": None, "cs_icir": None, "cs_rank_ic": None, "cs_rank_icir": None, "cs_days": 0,
+                "degenerate": True}
     return {
         "cs_ic": float(ic.mean()), "cs_icir": float(ic.mean() / ic.std()),
         "cs_rank_ic": float(rank_ic.mean()), "cs_rank_icir": float(rank_ic.mean() / rank_ic.std()),
-        "cs_days": int(len(ic)),
+        "cs_days": int(len(ic)), "degenerate": False,
     }
 
 

@@ -1,0 +1,129 @@
+"""Walk-forward folds and the Optuna search: no overlap, gaps kept, test never read, search improves, resumes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from conftest import REPO
+from vn30_qlib.cv import Fold, cross_validate, folds_for, walk_forward_folds
+from vn30_qlib.loop import init_qlib_for
+from vn30_qlib.workflow_config import load_workflow
+
+CALENDAR = pd.bdate_range("2015-10-05", "2024-09-30")
+TEST_START = pd.Timestamp("2023-01-01")
+# L1 so strong that every leaf is shrunk to 0: constant predictions, no skill (Rank IC scored 0)
+BAD_START = {"num_leaves": 2, "lambda_l1": 100000.0, "colsample_bytree": 0.1}
+
+
+@pytest.mark.parametrize("scheme, train_days", [("expanding", None), ("rolling", 500)])
+def test_folds_do_not_overlap_keep_the_gap_and_never_reach_the_test_segment(scheme, train_days):
+    folds = walk_forward_folds(CALENDAR, "2015-10-05", "2022-12-31", n_folds=4, valid_days=120, gap_days=2,
+                               scheme=scheme, train_days=train_days)
+    assert len(folds) == 4
+    for fold in folds:
+        gap = CALENDAR[(CALENDAR > fold.train[1]) & (CALENDAR < fold.valid[0])]
+        assert len(gap) == 2, "exactly the label horizon between the last training day and validation"
+        assert fold.valid[1] < TEST_START and fold.train[1] < fold.valid[0]
+        assert len(CALENDAR[(CALENDAR >= fold.valid[0]) & (CALENDAR <= fold.valid[1])]) == 120
+        if scheme == "rolling":
+            assert len(CALENDAR[(CALENDAR >= fold.train[0]) & (CALENDAR <= fold.train[1])]) == 500
+    for earlier, later in zip(folds, folds[1:]):
+        assert earlier.valid[1] < later.valid[0], "validation blocks never overlap"
+    assert folds[-1].valid[1] == pd.Timestamp("2022-12-30")
+    with pytest.raises(ValueError, match="too little training data"):
+        walk_forward_folds(CALENDAR, "2015-10-05", "2022-12-31", n_folds=30, valid_days=120, gap_days=2)
+
+
+@pytest.fixture(scope="module")
+def small_search(tmp_path_factory) -> Path:
+    """A LightGBM workflow on 8 features, 40 rounds, with a small search space beside it."""
+    folder = tmp_path_factory.mktemp("search")
+    text = (REPO / "workflows" / "lgb_vn30.yaml").read_text()
+    text = text.replace("BASE_CONFIG_PATH: base_vn30.yaml", f"BASE_CONFIG_PATH: {REPO / 'workflows' / 'base_vn30.yaml'}")
+    text = text.replace("            loss: mse\n", "            loss: mse\n            num_boost_round: 40\n")
+    text += ("    dataset:\n        kwargs:\n            handler:\n                kwargs:\n                    features: "
+             "[KMID, KLEN, KUP, KLOW, KSFT, ROC5, STD20, VSTD5]\n")
+    (folder / "lgb_vn30.yaml").write_text(text)
+    (folder / "lgb_vn30.search.yaml").write_text(
+        "objective: rank_ic\nn_trials: 5\nseed: 0\npruner_startup_trials: 10\n"
+        "folds: {n_folds: 2, valid_days: 120, scheme: expanding}\n"
+        "params:\n"
+        "    num_leaves: {type: int, low: 2, high: 64, log: true}\n"
+        "    lambda_l1: {type: float, low: 0.01, high: 100000.0, log: true}\n"
+        "    colsample_bytree: {type: float, low: 0.1, high: 1.0}\n")
+    return folder / "lgb_vn30.yaml"
+
+
+def test_folds_from_a_workflow_stay_inside_train_and_valid(small_search, sim_provider):
+    init_qlib_for(sim_provider(0.1))
+    task, folds = folds_for(small_search, sim_provider(0.1), n_folds=2, valid_days=120)
+    segments = load_workflow(small_search, {"VN30_PROVIDER": str(sim_provider(0.1))})["task"]["dataset"]["kwargs"]["segments"]
+    assert folds[0].train[0] >= pd.Timestamp(segments["train"][0])
+    assert folds[-1].valid[1] <= pd.Timestamp(segments["valid"][1]) < TEST_START
+    with pytest.raises(ValueError, match="shorter than the label horizon 2"):
+        folds_for(small_search, sim_provider(0.1), n_folds=2, valid_days=120, gap_days=1)
+
+
+@pytest.mark.slow
+def test_search_improves_on_a_bad_start_and_writes_a_runnable_workflow(small_search, sim_provider, tmp_path):
+    from vn30_qlib.tune import tune
+
+    provider = sim_provider(0.1)
+    init_qlib_for(provider, f"sqlite:///{tmp_path / 'bad.db'}")
+    task, folds = folds_for(small_search, provider, n_folds=2, valid_days=120)
+    task["model"]["kwargs"].update(BAD_START)
+    bad = cross_validate(task, folds, f"sqlite:///{tmp_path / 'bad.db'}", "bad")["mean_rank_ic"]
+    result = tune(small_search, provider, tmp_path / "tuning", n_trials=5, start=BAD_START)
+    first = optuna.load_study(study_name="lgb_vn30", storage=f"sqlite:///{tmp_path / 'tuning' / 'optuna.db'}").trials[0]
+    assert first.params == BAD_START and first.value == pytest.approx(bad, abs=1e-9)
+    assert bad == 0.0 and result["best_value"] > bad + 0.05, (bad, result)
+    tuned = load_workflow(result["tuned_workflow"], {"VN30_PROVIDER": str(provider)})
+    assert tuned["task"]["model"]["kwargs"]["num_leaves"] == result["best_params"]["num_leaves"]
+    assert tuned["experiment_name"] == "lgb_tuned_vn30"
+    assert tuned["task"]["dataset"]["kwargs"]["segments"]["test"]  # the base config is still merged
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'tuning' / 'mlruns.db'}").search_runs(
+        [MlflowClient(f"sqlite:///{tmp_path / 'tuning' / 'mlruns.db'}").get_experiment_by_name("vn30_cv").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 5 and all("num_leaves" in r.data.params for r in parents if r.info.status == "FINISHED")
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_with_its_finished_trials(small_search, sim_provider, tmp_path):
+    out = tmp_path / "tuning"
+    code = ("from vn30_qlib.tune import tune; "
+            f"tune({str(small_search)!r}, {str(sim_provider(0.1))!r}, {str(out)!r}, n_trials=50)")
+    process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage = f"sqlite:///{out / 'optuna.db'}"
+
+    def finished() -> list:
+        try:
+            study = optuna.load_study(study_name="lgb_vn30", storage=storage)
+        except Exception:  # the study is not created yet
+            return []
+        return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+    deadline = time.time() + 300
+    while time.time() < deadline and len(finished()) < 2:
+        time.sleep(1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = {t.number: (t.params, t.value) for t in finished()}
+    assert len(before) >= 2
+    from vn30_qlib.tune import tune
+
+    done = sum(t.state.is_finished() for t in optuna.load_study(study_name="lgb_vn30", storage=storage).trials)
+    tune(small_search, sim_provider(0.1), out, n_trials=done + 1)
+    after = {t.number: (t.params, t.value) for t in finished()}
+    assert all(after[n] == before[n] for n in before), "finished trials survive the kill unchanged"
+    assert len(after) == len(before) + 1, "the resumed search adds the missing trial"

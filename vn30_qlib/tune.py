@@ -1,0 +1,146 @@
+"""Optuna search over a workflow's model kwargs, scored by walk-forward cross-validation (`vn30_qlib.cv`).
+
+The search space lives next to the workflow, ``workflows/{name}.search.yaml``::
+
+    objective: rank_ic          # fold metric to maximise (ic, rank_ic) or minimise (mse)
+    n_trials: 20
+    folds: {n_folds: 3, valid_days: 120, scheme: expanding}     # train_days for rolling, gap_days optional
+    params:                     # keys of task.model.kwargs
+      learning_rate: {type: float, low: 0.01, high: 0.2, log: true}
+      num_leaves: {type: int, low: 16, high: 256, log: true}
+      loss: {type: categorical, choices: [mse]}
+
+The study is stored in sqlite (``{out_dir}/optuna.db``) under the workflow's name, so a stopped search
+resumes with its finished trials (``n_trials`` counts finished trials; the one a killed search was running is
+marked failed by Optuna's heartbeat). Every trial is an mlflow run (its folds nested under it). A trial is
+pruned after any fold, and neural models whose training loop calls ``model.epoch_callback(epoch, metrics)``
+are pruned by epoch on the first fold. The best parameters are written as a ready-to-run workflow
+``{model}_tuned_vn30.yaml`` next to the original (same base config and Jinja switches).
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import jinja2
+import optuna
+import yaml
+
+from vn30_qlib.cv import Fold, cross_validate, folds_for
+from vn30_qlib.loop import init_qlib_for
+
+MAXIMISE = {"ic", "rank_ic"}
+
+
+def search_space_path(workflow: Path) -> Path:
+    return workflow.with_name(workflow.stem + ".search.yaml")
+
+
+def read_search_space(workflow: Path) -> dict:
+    path = search_space_path(workflow)
+    if not path.is_file():
+        raise FileNotFoundError(f"{workflow}: no search space; write {path.name} next to it (see vn30_qlib.tune)")
+    space = yaml.safe_load(path.read_text())
+    for key in ("params", "folds"):
+        if key not in space:
+            raise KeyError(f"{path}: missing key {key!r}")
+    for name, spec in space["params"].items():
+        if spec.get("type") not in ("float", "int", "categorical"):
+            raise ValueError(f"{path}: params.{name}.type must be float, int or categorical, got {spec.get('type')!r}")
+    return space
+
+
+def suggest(trial: optuna.Trial, params: dict) -> dict:
+    """Optuna suggestions for the declared parameters."""
+    values = {}
+    for name, spec in params.items():
+        if spec["type"] == "float":
+            values[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
+        elif spec["type"] == "int":
+            values[name] = trial.suggest_int(name, spec["low"], spec["high"], log=spec.get("log", False))
+        else:
+            values[name] = trial.suggest_categorical(name, spec["choices"])
+    return values
+
+
+def tune(workflow: str | Path, provider: str | Path, out_dir: str | Path = "tuning", n_trials: int | None = None,
+         start: dict | None = None) -> dict:
+    """Run (or resume) the search; returns the best value, parameters and the path of the tuned workflow.
+
+    ``start``: parameters (inside the search space) evaluated as the first trial of a new study.
+    """
+    workflow, out_dir = Path(workflow).resolve(), Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    space = read_search_space(workflow)
+    objective_key = space.get("objective", "rank_ic")
+    tracking_uri = f"sqlite:///{out_dir / 'mlruns.db'}"
+    init_qlib_for(provider, tracking_uri)
+    task, folds = folds_for(workflow, provider, **space["folds"])
+    task["model"].setdefault("kwargs", {})
+    # A heartbeat marks the trial of a killed search as failed once it has been silent for 10 s.
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out_dir / 'optuna.db'}", heartbeat_interval=5, grace_period=10)
+    study = optuna.create_study(
+        study_name=workflow.stem, storage=storage, load_if_exists=True,
+        direction="maximize" if objective_key in MAXIMISE else "minimize",
+        sampler=optuna.samplers.TPESampler(seed=space.get("seed", 0)),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=space.get("pruner_startup_trials", 3)),
+    )
+    if start and not study.trials:
+        study.enqueue_trial(start)
+    finished = sum(t.state.is_finished() for t in study.trials)
+    remaining = max(0, (n_trials or space.get("n_trials", 20)) - finished)
+    datasets: dict = {}
+    study.optimize(lambda trial: _objective(trial, task, folds, space, objective_key, tracking_uri, workflow, datasets),
+                   n_trials=remaining)
+    tuned = write_tuned_workflow(workflow, study.best_params)
+    return {"best_value": study.best_value, "best_params": study.best_params, "tuned_workflow": tuned,
+            "trials": len(study.trials)}
+
+
+def _objective(trial: optuna.Trial, task: dict, folds: list[Fold], space: dict, key: str, tracking_uri: str,
+               workflow: Path, datasets: dict) -> float:
+    trial_task = copy.deepcopy(task)
+    trial_task["model"]["kwargs"].update(suggest(trial, space["params"]))
+    seen = []
+
+    def on_fold(i: int, metrics: dict) -> None:
+        seen.append(metrics[key])
+        trial.report(sum(seen) / len(seen), step=1000 + i)  # fold steps after any epoch steps
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after fold {i}")
+
+    def epoch_callback(epoch: int, metrics: dict) -> None:
+        if not seen and key in metrics:  # prune by epoch on the first fold only
+            trial.report(metrics[key], step=epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+    def attach(model) -> None:
+        if hasattr(model, "epoch_callback"):
+            model.epoch_callback = epoch_callback
+
+    result = cross_validate(trial_task, folds, tracking_uri, run_name=f"{workflow.stem}/trial{trial.number}",
+                            on_fold=on_fold, model_hook=attach, dataset_cache=datasets)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for name, value in trial.params.items():
+        client.log_param(result["parent_run_id"], name, value)
+    return result[f"mean_{key}"]
+
+
+def write_tuned_workflow(workflow: Path, best_params: dict) -> Path:
+    """``{model}_tuned_vn30.yaml``: the original workflow's own keys, Jinja switches kept, best model kwargs."""
+    model = workflow.stem.removesuffix("_vn30")
+    text = workflow.read_text()
+    expressions = {m.group(1): m.group(0) for m in re.finditer(r"\{\{\s*(\w+)[^}]*\}\}", text)}
+    own = yaml.safe_load(jinja2.Template(text).render(**{name: f"JINJA_{name}" for name in expressions}))
+    own["task"]["model"].setdefault("kwargs", {}).update(best_params)
+    body = yaml.safe_dump(own, sort_keys=False)
+    for name, expression in expressions.items():
+        body = body.replace(f"JINJA_{name}", expression.replace(f'"{model}_vn30"', f'"{model}_tuned_vn30"'))
+    target = workflow.with_name(f"{model}_tuned_vn30.yaml")
+    target.write_text(f"# Written by `vn30-qlib tune {workflow.name}`: the best trial of Optuna study {workflow.stem}.\n"
+                      + body)
+    return target
