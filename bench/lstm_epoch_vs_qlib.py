@@ -1,0 +1,199 @@
+"""How fast is our LSTM's epoch against Qlib's `pytorch_lstm_ts.LSTM` + `TSDatasetH`, and how good are both?
+
+    python bench/lstm_epoch_vs_qlib.py --provider /tmp/vn30_real [--epochs 3]
+
+On one provider, with the features, hidden size, layers, step_len and batch size of
+`workflows/lstm_vn30.yaml`, trains (each in its own process, so peak memory is its own) our LSTM and Qlib's
+contrib LSTM for ``--epochs`` epochs, timing each epoch's training pass and its evaluation. Then runs
+`qrun workflows/lstm_vn30.yaml` (default settings: up to 100 epochs, early stop 10) and
+`qrun workflows/lgb_vn30.yaml` end to end and reads their test IC / Rank IC from the recorder.
+Prints a Markdown report for BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+LSTM_WORKFLOW = REPO / "workflows" / "lstm_vn30.yaml"
+LGB_WORKFLOW = REPO / "workflows" / "lgb_vn30.yaml"
+METRICS = ("IC", "ICIR", "Rank IC", "Rank ICIR")
+
+
+def signal_metrics(pred: pd.Series, label: pd.Series) -> dict[str, float]:
+    """Test IC, ICIR, Rank IC, Rank ICIR as Qlib's SigAnaRecord defines them (daily, not annualised)."""
+    both = pd.concat([pred, label], axis=1, keys=["pred", "label"]).dropna()
+    by_day = both.groupby(level="datetime")
+    ic = by_day.apply(lambda day: day["pred"].corr(day["label"]))
+    ric = by_day.apply(lambda day: day["pred"].corr(day["label"], method="spearman"))
+    return {"IC": ic.mean(), "ICIR": ic.mean() / ic.std(), "Rank IC": ric.mean(), "Rank ICIR": ric.mean() / ric.std()}
+
+
+def timed(function, into: list):
+    """``function`` that appends (wall s, this process's CPU s) of each call to ``into``."""
+    def wrapper(*args, **kwargs):
+        start, cpu = time.perf_counter(), time.process_time()
+        result = function(*args, **kwargs)
+        into.append((time.perf_counter() - start, time.process_time() - cpu))
+        return result
+    return wrapper
+
+
+def pipeline_pass(batches) -> tuple[float, float]:
+    """(wall s, CPU s) of one epoch of batches with no model: what the data pipeline alone costs."""
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in batches:
+        pass
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def train_one(which: str, provider: str, epochs: int) -> dict:
+    """Fit ``which`` ("ours" or "qlib") for ``epochs`` epochs in this process; times, memory and test metrics."""
+    import qlib
+    import torch
+    from qlib.data.dataset.handler import DataHandlerLP
+    from qlib.utils import init_instance_by_config
+
+    from vn30_qlib.workflow_config import load_workflow
+
+    config = load_workflow(LSTM_WORKFLOW, {"VN30_PROVIDER": provider})
+    qlib.init(provider_uri=provider, region="cn", kernels=1)
+    kwargs = config["task"]["model"]["kwargs"]
+    dataset_config = config["task"]["dataset"]
+    start = time.perf_counter()
+    train_s, eval_s = [], []
+    if which == "ours":
+        from vn30_qlib.models import lstm as lstm_module
+        from vn30_qlib.models import training
+        from vn30_qlib.models.lstm import LSTM
+
+        dataset = init_instance_by_config(dataset_config)
+        model = LSTM(**{**kwargs, "n_epochs": epochs, "device": "cpu"})
+        windows = model._windows(dataset)
+        rows = lstm_module._Rows(dataset, "train", windows, torch.device("cpu"))
+        pipeline = pipeline_pass((torch.from_numpy(windows.gather(rows.positions[batch])), rows.label[batch])
+                                 for batch in rows.batches(kwargs["batch_size"], by_day=False))
+        training._train_one_epoch = timed(training._train_one_epoch, train_s)
+        LSTM._forward = timed(LSTM._forward, eval_s)   # during fit: one valid-segment pass per epoch
+        data_s = time.perf_counter() - start
+        fit_start = time.perf_counter()
+        model.fit(dataset)
+        fit_s = time.perf_counter() - fit_start
+        eval_s = eval_s[:len(train_s)]
+        pred = model.predict(dataset)
+    else:
+        from qlib.contrib.model.pytorch_lstm_ts import LSTM as QlibLSTM
+        from torch.utils.data import DataLoader
+
+        dataset_config = {**dataset_config, "class": "TSDatasetH",
+                          "kwargs": {**dataset_config["kwargs"], "step_len": kwargs["step_len"]}}
+        dataset = init_instance_by_config(dataset_config)
+        d_feat = len(dataset.handler.get_cols(col_set="feature"))
+        model = QlibLSTM(d_feat=d_feat, hidden_size=kwargs["hidden_size"], num_layers=kwargs["num_layers"],
+                         dropout=kwargs["dropout"], n_epochs=epochs, lr=kwargs["lr"], batch_size=kwargs["batch_size"],
+                         early_stop=epochs, loss="mse", n_jobs=0, GPU=-1, seed=kwargs["seed"])
+        sampler = dataset.prepare("train", col_set=["feature", "label"], data_key=DataHandlerLP.DK_L)
+        sampler.config(fillna_type="ffill+bfill")
+        pipeline = pipeline_pass(DataLoader(sampler, batch_size=kwargs["batch_size"], shuffle=True, drop_last=True))
+        model.train_epoch = timed(model.train_epoch, train_s)
+        model.test_epoch = timed(model.test_epoch, eval_s)   # Qlib evaluates the train and the valid loader
+        data_s = time.perf_counter() - start
+        fit_start = time.perf_counter()
+        model.fit(dataset, save_path=tempfile.mktemp(suffix=".pt"))
+        fit_s = time.perf_counter() - fit_start
+        eval_s = [(a[0] + b[0], a[1] + b[1]) for a, b in zip(eval_s[0::2], eval_s[1::2])]
+        pred = model.predict(dataset)
+    label = dataset.handler.fetch(slice(*dataset.segments["test"]), col_set="label", data_key=DataHandlerLP.DK_R)
+    label = label.iloc[:, 0]
+    pred.index = pred.index.set_names(["datetime", "instrument"])
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"data_s": data_s, "fit_s": fit_s, "train_s": train_s, "eval_s": eval_s, "pipeline_s": pipeline,
+            "threads": torch.get_num_threads(), "peak_mb": peak_kb / 1024,
+            **signal_metrics(pd.Series(np.asarray(pred, dtype="float64"), index=pred.index), label)}
+
+
+def run_qrun(workflow: Path, provider: str, workdir: str, experiment: str) -> dict:
+    """Time ``qrun workflow`` in a subprocess, then read its recorder's metrics."""
+    env = {**os.environ, "VN30_PROVIDER": provider, "VN30_EXPERIMENT": experiment}
+    start = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).parent / "qrun"), str(workflow)], cwd=workdir, env=env, check=True,
+                   capture_output=True)
+    seconds = time.perf_counter() - start
+    import qlib
+    from qlib.workflow import R
+
+    qlib.init(provider_uri=provider, region="cn", kernels=1,
+              exp_manager={"class": "MLflowExpManager", "module_path": "qlib.workflow.expm",
+                           "kwargs": {"uri": f"sqlite:///{workdir}/mlruns.db", "default_exp_name": "bench"}})
+    recorder = next(iter(R.list_recorders(experiment_name=experiment).values()))
+    metrics = recorder.list_metrics()
+    epochs = len(recorder.client.get_metric_history(recorder.id, "valid_loss"))
+    return {"qrun_s": seconds, "epochs": epochs, **{key: metrics[key] for key in METRICS}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--provider", required=True)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs for the timed head-to-head (Qlib's is slow)")
+    parser.add_argument("--one", choices=["ours", "qlib"], help=argparse.SUPPRESS)   # the child processes
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of both models (OMP_NUM_THREADS)")
+    parser.add_argument("--skip-qrun", action="store_true", help="only the head-to-head epoch timing")
+    args = parser.parse_args()
+    provider = str(Path(args.provider).expanduser())
+    if args.one:
+        print("RESULT " + json.dumps(train_one(args.one, provider, args.epochs)))
+        return
+
+    results = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}   # torch's (and our fit's) thread count
+    for which in ("ours", "qlib"):
+        out = subprocess.run([sys.executable, __file__, "--provider", provider, "--epochs", str(args.epochs),
+                              "--one", which], capture_output=True, text=True, check=True, env=env).stdout
+        results[which] = json.loads(out.split("RESULT ", 1)[1])
+        print(which, results[which], file=sys.stderr)
+    ours, theirs = results["ours"], results["qlib"]
+
+    def median(row: dict, key: str, kind: int) -> float:
+        return float(np.median([times[kind] for times in row[key]]))
+
+    print(f"### Epoch time: {args.epochs} epochs each, {args.threads} torch thread(s), one process per model\n")
+    print("| model | data pipeline alone, wall / CPU s | train pass, wall / CPU s | eval per epoch, wall / CPU s "
+          "| peak RSS MiB | test IC | ICIR | Rank IC | Rank ICIR |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, row in (("ours (vn30_qlib.models.lstm)", ours), ("Qlib pytorch_lstm_ts + TSDatasetH", theirs)):
+        print(f"| {name} | {row['pipeline_s'][0]:.2f} / {row['pipeline_s'][1]:.2f} | "
+              f"{median(row, 'train_s', 0):.1f} / {median(row, 'train_s', 1):.1f} | "
+              f"{median(row, 'eval_s', 0):.1f} / {median(row, 'eval_s', 1):.1f} | {row['peak_mb']:.0f} | "
+              + " | ".join(f"{row[k]:.4f}" for k in METRICS) + " |")
+    for kind, what in ((0, "wall"), (1, "CPU")):
+        train = median(ours, "train_s", kind) / median(theirs, "train_s", kind)
+        epoch = ((median(ours, "train_s", kind) + median(ours, "eval_s", kind))
+                 / (median(theirs, "train_s", kind) + median(theirs, "eval_s", kind)))
+        pipe = ours["pipeline_s"][kind] / theirs["pipeline_s"][kind]
+        print(f"\nours / theirs, {what} time: data pipeline {pipe:.3f}, train pass {train:.3f}, train + eval epoch {epoch:.3f}")
+    for name, row in (("ours", ours), ("theirs", theirs)):
+        print(f"\n{name}: per-epoch train pass (wall, CPU) s {[(round(w, 1), round(c, 1)) for w, c in row['train_s']]}")
+    if args.skip_qrun:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        lstm = run_qrun(LSTM_WORKFLOW, provider, tmp, "bench_lstm")
+        lgb = run_qrun(LGB_WORKFLOW, provider, tmp, "bench_lgb")
+    print("\n### qrun end to end (default settings)\n")
+    print("| workflow | wall s | epochs | test IC | ICIR | Rank IC | Rank ICIR |")
+    print("|---|---|---|---|---|---|---|")
+    for name, row in (("lstm_vn30.yaml", lstm), ("lgb_vn30.yaml", lgb)):
+        print(f"| {name} | {row['qrun_s']:.0f} | {row['epochs'] or '-'} | " + " | ".join(f"{row[k]:.4f}" for k in METRICS) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""LSTM over each stock's last ``step_len`` days of handler features (``module_path: vn30_qlib.models.lstm``).
+
+Qlib's ``pytorch_lstm_ts.LSTM`` reads windows one item at a time through ``TSDatasetH``; this one gathers a
+whole batch of windows with one indexing call from ``SequenceWindows``, so an epoch costs little more than
+the network itself. Windows come from the handler's full-span infer features (processors fitted on train
+only) and end at day t: no row after t enters the prediction for t.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from qlib.data.dataset import DatasetH
+from qlib.data.dataset.handler import DataHandlerLP
+from qlib.log import get_module_logger
+from qlib.model.base import Model
+
+from vn30_qlib.models.training import LoopConfig, cpu_threads, daily_ic, fit_epochs, pick_device, set_seed
+from vn30_qlib.models.windows import SequenceWindows
+
+LOSSES = ("mse", "ic")
+
+
+class LSTMNet(torch.nn.Module):
+    """A stacked LSTM read at its last step, then a linear score."""
+
+    def __init__(self, d_feat: int, hidden_size: int, num_layers: int, dropout: float, bidirectional: bool):
+        super().__init__()
+        self.rnn = torch.nn.LSTM(d_feat, hidden_size, num_layers, batch_first=True,
+                                 dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional)
+        self.out = torch.nn.Linear(hidden_size * (2 if bidirectional else 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.rnn(x)[0][:, -1]).squeeze(-1)
+
+
+class LSTM(Model):
+    """LSTM on sequence windows of a ``DatasetH``; the number of features is read from the data.
+
+    ``loss``: "mse" on the per-day z-scored label, or "ic" (minus the mean daily Pearson correlation within a
+    batch; batches are then whole days). ``metric``: what early stopping watches on the valid segment, "loss"
+    or "ic". ``checkpoint_dir``: where the per-epoch checkpoint goes (None: a temporary folder, removed after
+    fit); ``resume=True`` continues from the checkpoint there. ``n_threads``: torch's CPU threads (0 = every core
+    this process may use; 1 is much faster on a CPU shared with other jobs).
+    """
+
+    def __init__(
+        self,
+        d_feat: int | None = None,
+        hidden_size: int = 64,
+        num_layers: int = 2,
+        dropout: float = 0.2,
+        lr: float = 0.001,
+        batch_size: int = 2048,
+        n_epochs: int = 100,
+        bidirectional: bool = False,
+        step_len: int = 20,
+        loss: str = "mse",
+        early_stop: int = 10,
+        metric: str = "loss",
+        grad_clip: float | None = 3.0,
+        seed: int = 0,
+        device: str = "auto",
+        checkpoint_dir: str | None = None,
+        resume: bool = False,
+        n_threads: int = 0,
+    ):
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs a checkpoint_dir to resume from")
+        self.d_feat, self.hidden_size, self.num_layers, self.dropout = d_feat, hidden_size, num_layers, dropout
+        self.lr, self.batch_size, self.n_epochs, self.bidirectional = lr, batch_size, n_epochs, bidirectional
+        self.step_len, self.loss, self.early_stop, self.metric = step_len, loss, early_stop, metric
+        self.grad_clip, self.seed, self.device, self.resume = grad_clip, seed, device, resume
+        self.checkpoint_dir, self.n_threads = checkpoint_dir, n_threads
+        self.module: LSTMNet | None = None
+        self.history: list[dict] = []
+
+    def fit(self, dataset: DatasetH, **kwargs) -> None:
+        set_seed(self.seed)
+        device = pick_device(self.device)
+        torch.set_num_threads(self.n_threads or cpu_threads())   # torch may count the host's cores, not ours
+        windows = self._windows(dataset)
+        if self.d_feat is not None and self.d_feat != len(windows.columns):
+            raise ValueError(f"d_feat={self.d_feat} but the handler gives {len(windows.columns)} features")
+        self.d_feat = len(windows.columns)
+        train = _Rows(dataset, "train", windows, device)
+        valid = _Rows(dataset, "valid", windows, device)
+        self.module = LSTMNet(self.d_feat, self.hidden_size, self.num_layers, self.dropout, self.bidirectional).to(device)
+        optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr)
+
+        def train_batches():
+            for rows in train.batches(self.batch_size, by_day=self.loss == "ic"):
+                yield _to_tensor(windows.gather(train.positions[rows]), device), train.label[rows], train.days[rows]
+
+        def predict_valid() -> torch.Tensor:
+            return self._forward(windows, valid.positions, device)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(self.checkpoint_dir).expanduser() if self.checkpoint_dir is not None else Path(tmp)
+            config = LoopConfig(n_epochs=self.n_epochs, early_stop=self.early_stop, metric=self.metric,
+                                grad_clip=self.grad_clip, checkpoint_path=folder / "lstm.pt", resume=self.resume)
+            self.history = fit_epochs(self.module, optimizer, train_batches, predict_valid, valid.label, valid.days,
+                                      self._loss, config)
+
+    def predict(self, dataset: DatasetH, segment: str | slice = "test") -> pd.Series:
+        if self.module is None:
+            raise ValueError("the model is not fitted yet")
+        index = dataset.prepare(segment, col_set="feature", data_key=DataHandlerLP.DK_I).index
+        windows = self._windows(dataset)
+        device = next(self.module.parameters()).device
+        self.module.eval()
+        with torch.no_grad():
+            pred = self._forward(windows, windows.positions(index), device)
+        return pd.Series(pred.cpu().numpy().astype("float64"), index=index, name="score")
+
+    def _windows(self, dataset: DatasetH) -> SequenceWindows:
+        features = dataset.handler.fetch(col_set="feature", data_key=DataHandlerLP.DK_I)
+        return SequenceWindows(features, self.step_len)
+
+    def _forward(self, windows: SequenceWindows, positions: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Scores for all ``positions`` in chunks (inference needs no gradients, so chunks can be large)."""
+        chunk = max(self.batch_size, 8192)
+        parts = [self.module(_to_tensor(windows.gather(positions[start:start + chunk]), device))
+                 for start in range(0, len(positions), chunk)]
+        return torch.cat(parts) if parts else torch.zeros(0, device=device)
+
+    def _loss(self, output: torch.Tensor, label: torch.Tensor, days: torch.Tensor) -> torch.Tensor:
+        if self.loss == "ic":
+            return -daily_ic(output, label, days)
+        return torch.mean((output - label) ** 2)
+
+    def __getstate__(self) -> dict:
+        """Pickle the weights as CPU tensors, so a model trained on a GPU loads on a machine without one."""
+        state = self.__dict__.copy()
+        state["module"] = None if self.module is None else {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        weights = state.pop("module")
+        self.__dict__.update(state)
+        self.module = None
+        if weights is not None:
+            device = torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
+            self.module = LSTMNet(self.d_feat, self.hidden_size, self.num_layers, self.dropout, self.bidirectional)
+            self.module.load_state_dict(weights)
+            self.module.to(device).eval()
+
+
+class _Rows:
+    """One segment's labelled rows: window positions, label and day code, ready for batching."""
+
+    def __init__(self, dataset: DatasetH, segment: str, windows: SequenceWindows, device: torch.device):
+        frame = dataset.prepare(segment, col_set=["feature", "label"], data_key=DataHandlerLP.DK_L)
+        label = frame["label"].iloc[:, 0]
+        label = label[np.isfinite(label.to_numpy())]
+        if label.empty:
+            raise ValueError(f"segment {segment!r} has no labelled rows")
+        self.positions = windows.positions(label.index)
+        self.label = torch.as_tensor(label.to_numpy(dtype="float32"), device=device)
+        codes, _ = pd.factorize(label.index.get_level_values("datetime"), sort=True)
+        self.days = torch.as_tensor(codes, device=device)
+        get_module_logger("LSTM").info(f"{segment}: {len(label)} rows, {codes.max() + 1} days")
+
+    def batches(self, batch_size: int, by_day: bool) -> list[np.ndarray]:
+        """A fresh random split of the rows into batches (NumPy's global RNG, which checkpoints restore).
+
+        ``by_day``: batches are whole days (about ``batch_size`` rows each), for losses computed per day.
+        """
+        if not by_day:
+            order = np.random.permutation(len(self.positions))
+            return np.array_split(order, max(1, int(np.ceil(len(order) / batch_size))))
+        days = self.days.cpu().numpy()
+        day_rank = np.random.permutation(days.max() + 1)[days]
+        order = np.argsort(day_rank, kind="stable")
+        per_day = np.bincount(day_rank)
+        ends = np.cumsum(per_day)
+        batch_of_day = (ends - 1) // batch_size
+        cuts = ends[np.r_[batch_of_day[1:] != batch_of_day[:-1], False]]
+        return np.split(order, cuts)
+
+
+def _to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(array).to(device, non_blocking=True)

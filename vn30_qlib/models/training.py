@@ -1,0 +1,207 @@
+"""The epoch loop shared by the sequence models (LSTM, TFT): early stopping, checkpoints, resume, recorder metrics.
+
+A model supplies three things: ``train_batches()`` (one epoch of ``(x, y, days)`` batches, in its own shuffled
+order), ``predict_valid()`` (the module's output for every valid row, in the order of ``valid_label``) and
+``loss_fn(output, y, days)``. ``days`` are integer day codes of the rows, so a loss or metric can work per day
+(cross-sectional IC); losses that do not need them ignore them. The loop owns everything else, so both
+models stop, checkpoint, resume and log the same way.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from qlib.log import get_module_logger
+from qlib.workflow import R
+from tqdm import tqdm
+
+Batch = tuple  # (x, y, days): x is whatever the module takes, y and days tensors of one row each
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch and ask torch for deterministic kernels, so one seed gives one CPU model."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    # deterministic mode would also NaN-fill every new tensor (a debugging aid): 3.5x slower TFT steps on CPU
+    torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; ``"cpu"``/``"cuda"`` as named (CUDA must then exist)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def cpu_threads() -> int:
+    """``OMP_NUM_THREADS`` when set, else the cores this process may run on (a container's limit, not the host's)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def daily_ic(pred: torch.Tensor, label: torch.Tensor, days: torch.Tensor) -> torch.Tensor:
+    """Mean over days of the cross-sectional Pearson correlation of ``pred`` and ``label`` (1-d, same rows).
+
+    Differentiable, so ``-daily_ic`` is a loss. Days with fewer than two rows or no spread are left out.
+    """
+    days = days.to(pred.device)
+    _, days = torch.unique(days, return_inverse=True)
+    n_days = int(days.max()) + 1 if len(days) else 0
+    count = torch.zeros(n_days, dtype=pred.dtype, device=pred.device).index_add_(0, days, torch.ones_like(pred))
+
+    def demean(values: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(n_days, dtype=values.dtype, device=values.device).index_add_(0, days, values)
+        return values - (total / count)[days]
+
+    p, y = demean(pred), demean(label)
+
+    def per_day(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n_days, dtype=values.dtype, device=values.device).index_add_(0, days, values)
+
+    cov, var_p, var_y = per_day(p * y), per_day(p * p), per_day(y * y)
+    valid = (count >= 2) & (var_p > 1e-12) & (var_y > 1e-12)
+    if not valid.any():
+        return pred.sum() * 0.0
+    return (cov[valid] / torch.sqrt(var_p[valid] * var_y[valid])).mean()
+
+
+@dataclass
+class LoopConfig:
+    """The loop's settings; a model fills them from its constructor kwargs."""
+
+    n_epochs: int = 100
+    early_stop: int = 10            # epochs without improvement of the valid metric before stopping
+    metric: str = "loss"            # "loss": lower valid loss is better; "ic": higher mean daily valid IC
+    grad_clip: float | None = 3.0   # max gradient norm; None = no clipping
+    checkpoint_path: str | Path | None = None   # None = no checkpoint (and no resume)
+    resume: bool = False            # continue from checkpoint_path if it exists
+
+
+def fit_epochs(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_batches: Callable[[], Iterable[Batch]],
+    predict_valid: Callable[[], torch.Tensor],
+    valid_label: torch.Tensor,
+    valid_days: torch.Tensor,
+    loss_fn: LossFn,
+    config: LoopConfig,
+    point: Callable[[torch.Tensor], torch.Tensor] = lambda output: output.reshape(-1),
+    point_label: Callable[[torch.Tensor], torch.Tensor] = lambda label: label.reshape(-1),
+) -> list[dict]:
+    """Train ``module`` in place and leave it in its best epoch's state; return the per-epoch history.
+
+    Each epoch: one pass over ``train_batches()``, then ``predict_valid()`` under ``no_grad`` in eval mode, the
+    valid loss ``loss_fn(output, valid_label, valid_days)`` and the valid IC of ``point(output)`` (the point
+    forecast; a quantile model passes its median) against ``point_label(valid_label)`` (a multi-horizon
+    label passes its first horizon). History rows: ``epoch, train_loss, valid_loss, valid_ic``,
+    also logged to the active Qlib recorder with ``step=epoch``. With ``checkpoint_path`` the state after every
+    epoch (and the best state so far) is saved there, so ``resume=True`` continues an interrupted fit exactly.
+    """
+    if config.metric not in ("loss", "ic"):
+        raise ValueError(f"metric must be 'loss' or 'ic', got {config.metric!r}")
+    logger = get_module_logger("fit_epochs")
+    path = Path(config.checkpoint_path) if config.checkpoint_path is not None else None
+    state = {"epoch": -1, "best_epoch": -1, "best_score": -np.inf, "best_state": None, "history": []}
+    if config.resume and path is not None and path.is_file():
+        state = _load_checkpoint(path, module, optimizer)
+        logger.info(f"resumed from {path} after epoch {state['epoch']}")
+
+    bar = tqdm(range(state["epoch"] + 1, config.n_epochs), desc="epoch", disable=not sys.stderr.isatty())
+    for epoch in bar:
+        if state["best_epoch"] >= 0 and epoch - state["best_epoch"] > config.early_stop:
+            logger.info(f"early stop: no better valid {config.metric} for {config.early_stop} epochs")
+            break
+        train_loss = _train_one_epoch(module, optimizer, train_batches(), loss_fn, config.grad_clip)
+        module.eval()
+        with torch.no_grad():
+            output = predict_valid()
+            valid_loss = float(loss_fn(output, valid_label, valid_days))
+            valid_ic = float(daily_ic(point(output).double(), point_label(valid_label).double(), valid_days))
+        row = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss, "valid_ic": valid_ic}
+        state["history"].append(row)
+        _log_metrics(epoch, row)
+        score = -valid_loss if config.metric == "loss" else valid_ic
+        improved = score > state["best_score"]
+        if improved:
+            state.update(best_epoch=epoch, best_score=score, best_state=copy.deepcopy(_cpu_state(module)))
+        state["epoch"] = epoch
+        bar.set_postfix(train=f"{train_loss:.4f}", valid=f"{valid_loss:.4f}", ic=f"{valid_ic:.4f}")
+        logger.info(f"epoch {epoch}: train loss {train_loss:.5f}, valid loss {valid_loss:.5f}, valid IC {valid_ic:.4f}"
+                    + (" (best)" if improved else ""))
+        if path is not None:
+            _save_checkpoint(path, module, optimizer, state)
+
+    if state["best_state"] is not None:
+        module.load_state_dict(state["best_state"])
+        logger.info(f"restored epoch {state['best_epoch']} (best valid {config.metric})")
+    module.eval()
+    return state["history"]
+
+
+def _train_one_epoch(module, optimizer, batches: Iterable[Batch], loss_fn: LossFn, grad_clip: float | None) -> float:
+    module.train()
+    total, rows = 0.0, 0
+    for x, y, days in batches:
+        optimizer.zero_grad()
+        loss = loss_fn(module(x), y, days)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+        optimizer.step()
+        total += loss.item() * len(y)
+        rows += len(y)
+    return total / max(rows, 1)
+
+
+def _cpu_state(module: torch.nn.Module) -> dict:
+    return {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}
+
+
+def _log_metrics(epoch: int, row: dict) -> None:
+    """Log to the recorder of a running Qlib experiment (qrun); a model fitted outside one logs nowhere."""
+    exp_manager = getattr(R, "exp_manager", None)  # AttributeError (-> None) before qlib.init
+    experiment = exp_manager.active_experiment if exp_manager is not None else None
+    if experiment is None or experiment.active_recorder is None:
+        return
+    R.log_metrics(step=epoch, **{key: value for key, value in row.items() if key != "epoch"})
+
+
+def _save_checkpoint(path: Path, module, optimizer, state: dict) -> None:
+    """Written beside the target and renamed, so an interruption mid-write leaves the previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        **state,
+        "module": _cpu_state(module),
+        "optimizer": optimizer.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+    }
+    partial = path.with_suffix(path.suffix + ".partial")
+    torch.save(payload, partial)
+    os.replace(partial, path)
+
+
+def _load_checkpoint(path: Path, module, optimizer) -> dict:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    module.load_state_dict(payload.pop("module"))
+    optimizer.load_state_dict(payload.pop("optimizer"))
+    rng = payload.pop("rng")
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return payload
