@@ -127,3 +127,28 @@ def test_killed_search_resumes_with_its_finished_trials(small_search, sim_provid
     after = {t.number: (t.params, t.value) for t in finished()}
     assert all(after[n] == before[n] for n in before), "finished trials survive the kill unchanged"
     assert len(after) == len(before) + 1, "the resumed search adds the missing trial"
+
+
+def test_epoch_callback_sees_every_epoch_and_can_stop_training():
+    """The hook `vn30-qlib tune` uses to prune neural-network trials by epoch."""
+    import torch
+
+    from vn30_qlib.models.training import LoopConfig, fit_epochs
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3), torch.randn(64)
+    days = torch.arange(64) // 8
+    module = torch.nn.Linear(3, 1)
+    seen = []
+
+    def on_epoch(epoch: int, row: dict) -> None:
+        seen.append((epoch, row["valid_ic"]))
+        if epoch == 2:
+            raise optuna.TrialPruned("pruned at epoch 2")
+
+    config = LoopConfig(n_epochs=10, early_stop=10, on_epoch=on_epoch)
+    with pytest.raises(optuna.TrialPruned):
+        fit_epochs(module, torch.optim.SGD(module.parameters(), lr=0.1), lambda: [(x, y, days)],
+                   lambda: module(x).reshape(-1), y, days, lambda out, label, d: ((out.reshape(-1) - label) ** 2).mean(),
+                   config)
+    assert [epoch for epoch, _ in seen] == [0, 1, 2]

@@ -13,8 +13,8 @@ The search space lives next to the workflow, ``workflows/{name}.search.yaml``::
 The study is stored in sqlite (``{out_dir}/optuna.db``) under the workflow's name, so a stopped search
 resumes with its finished trials (``n_trials`` counts finished trials; the one a killed search was running is
 marked failed by Optuna's heartbeat). Every trial is an mlflow run (its folds nested under it). A trial is
-pruned after any fold, and neural models whose training loop calls ``model.epoch_callback(epoch, metrics)``
-are pruned by epoch on the first fold. The best parameters are written as a ready-to-run workflow
+pruned after any fold, and the neural models (their ``epoch_callback`` is passed to the shared epoch loop,
+`vn30_qlib.models.training`) are pruned by epoch on the first fold. The best parameters are written as a ready-to-run workflow
 ``{model}_tuned_vn30.yaml`` next to the original (same base config and Jinja switches).
 """
 from __future__ import annotations
@@ -110,9 +110,9 @@ def _objective(trial: optuna.Trial, task: dict, folds: list[Fold], space: dict, 
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned after fold {i}")
 
-    def epoch_callback(epoch: int, metrics: dict) -> None:
-        if not seen and key in metrics:  # prune by epoch on the first fold only
-            trial.report(metrics[key], step=epoch)
+    def epoch_callback(epoch: int, row: dict) -> None:
+        if not seen:  # prune by epoch on the first fold only, on the loop's valid IC (or loss for mse)
+            trial.report(row["valid_loss"] if key == "mse" else row["valid_ic"], step=epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 

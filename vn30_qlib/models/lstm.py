@@ -79,6 +79,7 @@ class LSTM(Model):
         self.checkpoint_dir, self.n_threads = checkpoint_dir, n_threads
         self.module: LSTMNet | None = None
         self.history: list[dict] = []
+        self.epoch_callback = None  # set by `vn30-qlib tune` to prune by epoch; not a YAML key, never pickled
 
     def fit(self, dataset: DatasetH, **kwargs) -> None:
         set_seed(self.seed)
@@ -103,7 +104,8 @@ class LSTM(Model):
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(self.checkpoint_dir).expanduser() if self.checkpoint_dir is not None else Path(tmp)
             config = LoopConfig(n_epochs=self.n_epochs, early_stop=self.early_stop, metric=self.metric,
-                                grad_clip=self.grad_clip, checkpoint_path=folder / "lstm.pt", resume=self.resume)
+                                grad_clip=self.grad_clip, checkpoint_path=folder / "lstm.pt", resume=self.resume,
+                                on_epoch=self.epoch_callback)
             self.history = fit_epochs(self.module, optimizer, train_batches, predict_valid, valid.label, valid.days,
                                       self._loss, config)
 
@@ -136,7 +138,7 @@ class LSTM(Model):
 
     def __getstate__(self) -> dict:
         """Pickle the weights as CPU tensors, so a model trained on a GPU loads on a machine without one."""
-        state = self.__dict__.copy()
+        state = {**self.__dict__, "epoch_callback": None}
         state["module"] = None if self.module is None else {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         return state
 

@@ -90,6 +90,7 @@ class LoopConfig:
     grad_clip: float | None = 3.0   # max gradient norm; None = no clipping
     checkpoint_path: str | Path | None = None   # None = no checkpoint (and no resume)
     resume: bool = False            # continue from checkpoint_path if it exists
+    on_epoch: Callable[[int, dict], None] | None = None   # called with each history row (a search prunes here)
 
 
 def fit_epochs(
@@ -146,6 +147,8 @@ def fit_epochs(
                     + (" (best)" if improved else ""))
         if path is not None:
             _save_checkpoint(path, module, optimizer, state)
+        if config.on_epoch is not None:
+            config.on_epoch(epoch, row)
 
     if state["best_state"] is not None:
         module.load_state_dict(state["best_state"])
