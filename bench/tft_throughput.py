@@ -1,0 +1,215 @@
+"""TFT on the real VN30 provider: train throughput, achieved FLOP/s against this machine's matmul FLOP/s, epoch
+time against pytorch-forecasting's TemporalFusionTransformer on the same rows and inputs, peak memory, and
+(``--qrun``) the test IC of ``qrun workflows/tft_vn30.yaml`` next to LightGBM's.
+
+    # pytorch-forecasting, for the comparison only; it pins pandas<3.1, so without its dependency resolution:
+    pip install --no-deps pytorch-forecasting lightning lightning-utilities torchmetrics scikit-base
+    python bench/tft_throughput.py --provider /tmp/vn30_real [--epochs 2] [--threads 1] [--qrun]
+
+FLOPs of one training step (forward + backward) are counted by torch's FlopCounterMode (matmuls, bmm, ...)
+plus the LSTMs analytically (their CPU kernel is opaque to the counter): 2 * 4h(in + h) multiply-adds per row,
+step and layer forward, twice that backward. Elementwise work is not counted, as usual for MFU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+SEGMENTS = {"train": ("2015-10-05", "2021-12-31"), "valid": ("2022-01-01", "2022-12-31"),
+            "test": ("2023-01-01", "2024-09-26")}
+
+
+def matmul_flops(seconds: float = 3.0, n: int = 2048) -> float:
+    """Best float32 FLOP/s of an n x n matmul on this machine (torch's threads)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def step_flops(model, panel, rows, batch_size: int) -> float:
+    """Forward + backward FLOPs of one training batch of ``batch_size`` rows."""
+    from vn30_qlib.models.tft import quantile_loss
+
+    module = model.module.train()
+    batch = panel.batch(rows, np.arange(batch_size), torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter:
+        out = module(batch)
+        quantile_loss(out, torch.zeros(batch_size, model.horizons), torch.tensor(model.quantiles)).backward()
+    module.zero_grad()
+    h, steps_encoder, steps_decoder = model.hidden_size, model.step_len, model.horizons
+    lstm_forward = 2 * 4 * h * (h + h) * batch_size * (steps_encoder + steps_decoder)
+    return counter.get_total_flops() + 3 * lstm_forward
+
+
+def tft_epochs(data, epochs: int, threads: int) -> dict:
+    """Fit the workflow's TFT for ``epochs`` epochs; epoch times come from the loop's train pass only."""
+    from vn30_qlib.models import training
+    from vn30_qlib.models.tft import TFT
+
+    times: list[float] = []
+    original = training._train_one_epoch
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        result = original(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+        return result
+
+    training._train_one_epoch = timed
+    try:
+        model = TFT(n_epochs=epochs, early_stop=epochs, device="cpu", n_threads=threads)
+        model.fit(data)
+    finally:
+        training._train_one_epoch = original
+    panel = model._panel(data)
+    rows = panel.rows(model._labels(data, "train").index)
+    return {"model": model, "epoch_seconds": times, "train_rows": len(rows.index),
+            "flops_per_step": step_flops(model, panel, rows, model.batch_size), "panel": panel}
+
+
+def pf_epoch(model, data, epochs: int) -> dict:
+    """pytorch-forecasting's TFT with the same hidden size, heads, window, variable width, inputs and rows."""
+    import lightning.pytorch as pl
+    from pytorch_forecasting import TemporalFusionTransformer, TimeSeriesDataSet
+    from pytorch_forecasting.data import TorchNormalizer
+    from pytorch_forecasting.metrics import QuantileLoss
+
+    from handlers.vn30_tft import TFT_FEATURES
+    from vn30_qlib.models.tft_inputs import static_codes
+
+    features = data.handler.fetch(col_set="feature", data_key="infer")
+    label = data.handler.fetch(col_set="label", data_key="infer").iloc[:, 0]
+    calendar = model._raw_calendar()
+    frame = features.join(label.rename("target")).reset_index()
+    frame = frame[frame["datetime"] <= pd.Timestamp(SEGMENTS["train"][1])]
+    frame = frame.join(calendar, on="datetime")
+    frame["time_idx"] = calendar.index.get_indexer(frame["datetime"])
+    codes = static_codes(frame["instrument"])
+    frame["instrument"], frame["sector"] = codes[:, 0].astype(str), codes[:, 1].astype(str)
+    frame["target"] = frame["target"].fillna(0.0).astype("float32")
+    known = list(calendar.columns)
+    dataset = TimeSeriesDataSet(
+        frame, time_idx="time_idx", target="target", group_ids=["instrument"],
+        max_encoder_length=model.step_len, min_encoder_length=model.step_len, max_prediction_length=model.horizons,
+        static_categoricals=["instrument", "sector"], time_varying_known_reals=known,
+        time_varying_unknown_reals=list(TFT_FEATURES), target_normalizer=TorchNormalizer(method="identity"),
+        add_encoder_length=False, add_relative_time_idx=False, add_target_scales=False, allow_missing_timesteps=True,
+    )
+    loader = dataset.to_dataloader(train=True, batch_size=model.batch_size, num_workers=0)
+    tft = TemporalFusionTransformer.from_dataset(
+        dataset, hidden_size=model.hidden_size, attention_head_size=model.num_heads, dropout=model.dropout,
+        hidden_continuous_size=model.variable_hidden_size, loss=QuantileLoss(model.quantiles),
+        learning_rate=model.lr, log_interval=-1,
+    )
+    times: list[float] = []
+
+    class Timer(pl.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, module):
+            times.append(time.perf_counter() - self.start)
+
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Timer()],
+                         limit_val_batches=0, gradient_clip_val=3.0)
+    trainer.fit(tft, train_dataloaders=loader)
+    return {"epoch_seconds": times, "train_rows": len(dataset),
+            "parameters": sum(p.numel() for p in tft.parameters())}
+
+
+def qrun(workflow: str, provider: str, workdir: Path, experiment: str) -> dict:
+    """Run a workflow as a user would and return its wall time and recorded metrics."""
+    env = {**os.environ, "VN30_PROVIDER": provider, "VN30_EXPERIMENT": experiment}
+    start = time.perf_counter()
+    result = subprocess.run([str(Path(sys.executable).parent / "qrun"), str(REPO / "workflows" / workflow)],
+                            cwd=workdir, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"qrun {workflow} failed:\n{result.stderr[-4000:]}")
+    import qlib
+    from qlib.workflow import R
+
+    qlib.init(provider_uri=provider, region="cn", kernels=1,
+              exp_manager={"class": "MLflowExpManager", "module_path": "qlib.workflow.expm",
+                           "kwargs": {"uri": f"sqlite:///{workdir / 'mlruns.db'}", "default_exp_name": "vn30"}})
+    recorder = next(iter(R.list_recorders(experiment_name=experiment).values()))
+    metrics = recorder.list_metrics()
+    keep = ("IC", "ICIR", "Rank IC", "Rank ICIR", "tft_coverage_10_90", "tft_quantile_crossing",
+            "1day.excess_return_with_cost.annualized_return", "1day.excess_return_with_cost.information_ratio")
+    return {"seconds": seconds, **{k: metrics[k] for k in keep if k in metrics}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--provider", default="/tmp/vn30_real")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs timed for each implementation")
+    parser.add_argument("--qrun", action="store_true", help="also time qrun tft_vn30.yaml and lgb_vn30.yaml")
+    parser.add_argument("--no-pf", action="store_true", help="skip the pytorch-forecasting comparison")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for everything (0 = every core)")
+    args = parser.parse_args()
+    from vn30_qlib.models.training import cpu_threads
+
+    torch.set_num_threads(args.threads or cpu_threads())
+    provider = str(Path(args.provider).expanduser())
+    from qlib.data.dataset import DatasetH
+
+    from handlers import VN30TFT
+    from vn30_qlib.data.check import init_qlib
+
+    report: dict = {"torch_threads": torch.get_num_threads(), "cores": os.cpu_count()}
+    report["matmul_flops"] = matmul_flops()
+    init_qlib(provider)
+    start = time.perf_counter()
+    data = DatasetH(VN30TFT(start_time="2015-10-05", end_time="2024-09-30", fit_start_time="2015-10-05",
+                            fit_end_time="2021-12-31"), segments=SEGMENTS)
+    report["handler_seconds"] = time.perf_counter() - start
+    ours = tft_epochs(data, args.epochs, args.threads)
+    epoch = min(ours["epoch_seconds"])
+    steps = int(np.ceil(ours["train_rows"] / ours["model"].batch_size))
+    report["tft"] = {
+        "train_rows": ours["train_rows"], "epoch_seconds": ours["epoch_seconds"],
+        "samples_per_second": ours["train_rows"] / epoch,
+        "flops_per_step": ours["flops_per_step"],
+        "achieved_flops": ours["flops_per_step"] * steps / epoch,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "parameters": sum(p.numel() for p in ours["model"].module.parameters()),
+    }
+    report["tft"]["fraction_of_matmul"] = report["tft"]["achieved_flops"] / report["matmul_flops"]
+    print(json.dumps(report, indent=1), flush=True)
+    if not args.no_pf:
+        theirs = pf_epoch(ours["model"], data, args.epochs)
+        theirs["peak_rss_mib_after"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        report["pytorch_forecasting"] = theirs
+        report["epoch_ratio"] = epoch / min(theirs["epoch_seconds"])
+        print(json.dumps({k: report[k] for k in ("pytorch_forecasting", "epoch_ratio")}, indent=1), flush=True)
+    if args.qrun:
+        with tempfile.TemporaryDirectory() as tmp:
+            for workflow, name in (("tft_vn30.yaml", "tft_real"), ("lgb_vn30.yaml", "lgb_real")):
+                workdir = Path(tmp) / name
+                workdir.mkdir()
+                report[name] = qrun(workflow, provider, workdir, name)
+                print(json.dumps({name: report[name]}, indent=1), flush=True)
+    print(json.dumps(report, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

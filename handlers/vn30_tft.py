@@ -1,0 +1,67 @@
+"""The TFT's handler: a subset of VN30 Alpha158 as observed past inputs and one label per forecast horizon.
+
+Known-future (calendar) and static (instrument, sector) inputs are not Qlib expressions; the model builds them
+with `vn30_qlib.models.tft_inputs` from the provider's calendar and the VN30 sector table.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from qlib.data.dataset.handler import DataHandlerLP
+
+from handlers.vn30_alpha158 import DEFAULT_INFER_PROCESSORS, LABEL, VN30Alpha158
+
+# The K-bar shape of the day (where the close sits in the range) plus momentum, volatility, trend quality,
+# price-volume correlation and volume dynamics at short and month-long windows.
+TFT_FEATURES: tuple[str, ...] = (
+    "KMID", "KLEN", "KUP", "KLOW", "KSFT", "KMID2", "KUP2", "KLOW2", "KSFT2",
+    "ROC5", "ROC20", "MA5", "STD5", "STD20", "CORR20", "CORD5", "RSQR10", "RESI5", "VSTD5", "WVMA5",
+)
+
+# The quantile loss is fitted to raw returns (so the 10-90 % band can be checked against the realised return):
+# only rows without every horizon's label are dropped; the model scales the label by its train-segment sd.
+TFT_LEARN_PROCESSORS = [{"class": "DropnaLabel"}]
+
+
+def horizon_labels(horizons: int) -> tuple[list[str], list[str]]:
+    """LABEL{h-1}: the return from close t+h to close t+h+1, h = 1..horizons (LABEL0 is VN30Alpha158's label)."""
+    if horizons < 1:
+        raise ValueError(f"horizons must be >= 1, got {horizons}")
+    fields = [LABEL[0][0]] + [f"Ref($close, -{h + 1}) / Ref($close, -{h}) - 1" for h in range(2, horizons + 1)]
+    return fields, [f"LABEL{h}" for h in range(horizons)]
+
+
+class VN30TFT(VN30Alpha158):
+    """VN30 Alpha158 inputs (``features``: `TFT_FEATURES` by default, None = all 158) with ``horizons`` labels.
+
+    Feature processors are VN30Alpha158's (robust z-score fitted on the train segment only); the label stays a
+    raw return (see `TFT_LEARN_PROCESSORS`).
+    """
+
+    def __init__(
+        self,
+        instruments: str | list = "vn30",
+        start_time=None,
+        end_time=None,
+        fit_start_time=None,
+        fit_end_time=None,
+        features: Sequence[str] | None = TFT_FEATURES,
+        horizons: int = 1,
+        infer_processors: list = DEFAULT_INFER_PROCESSORS,
+        learn_processors: list = TFT_LEARN_PROCESSORS,
+        process_type: str = DataHandlerLP.PTYPE_A,
+        **kwargs,
+    ):
+        super().__init__(
+            instruments=instruments,
+            start_time=start_time,
+            end_time=end_time,
+            fit_start_time=fit_start_time,
+            fit_end_time=fit_end_time,
+            features=None if features is None else list(features),
+            label=horizon_labels(horizons),
+            infer_processors=infer_processors,
+            learn_processors=learn_processors,
+            process_type=process_type,
+            **kwargs,
+        )

@@ -1,0 +1,199 @@
+"""TFT: each module's shapes and weights, the pinball loss, calendar-only known-future inputs, the planted signal
+found and noise not, one seed one model, and ``qrun workflows/tft_vn30.yaml`` with a reload from the recorder."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from qlib.data.dataset import DatasetH
+from qlib.utils import init_instance_by_config
+
+from conftest import REPO, run_qrun
+from handlers import VN30TFT
+from handlers.vn30_alpha158 import LABEL
+from handlers.vn30_tft import horizon_labels
+from vn30_qlib.data.check import init_qlib
+from vn30_qlib.data.holidays import hose_trading_days
+from vn30_qlib.models.tft import (
+    TFT, GatedLinearUnit, GatedResidualNetwork, InterpretableMultiHeadAttention, LSTMEncoderDecoder, QuantileOutput,
+    StaticCovariateEncoder, TemporalFusionNetwork, TFTBatch, VariableSelectionNetwork, quantile_loss,
+)
+from vn30_qlib.models.tft_inputs import CALENDAR_FEATURES, calendar_features, static_codes, validate_known_future
+from vn30_qlib.workflow_config import load_workflow
+
+# Short segments and a small network keep each fit to seconds; the planted signal is strong enough for that.
+# One thread: the TFT's many small kernels slow down badly with two threads on a CPU shared with other jobs.
+SEGMENTS = {"train": ("2019-01-01", "2020-12-31"), "valid": ("2021-01-01", "2021-12-31"),
+            "test": ("2022-01-01", "2023-06-30")}
+SMALL = dict(hidden_size=8, variable_hidden_size=4, attention_hidden_size=4, num_heads=2, batch_size=256, lr=0.003,
+             n_epochs=2, early_stop=2, n_threads=1)
+
+
+def test_module_shapes_and_weights_sum_to_one():
+    torch.manual_seed(0)
+    batch, steps, hidden = 5, 7, 12
+    assert GatedLinearUnit(3, hidden)(torch.randn(batch, 3)).shape == (batch, hidden)
+    grn = GatedResidualNetwork(3, 6, hidden, context_size=4)
+    assert grn(torch.randn(batch, steps, 3), torch.randn(batch, 1, 4)).shape == (batch, steps, hidden)
+    per_variable = GatedResidualNetwork(2, 3, 5, n_groups=4)
+    assert per_variable(torch.randn(batch, steps, 4, 2)).shape == (batch, steps, 4, 5)
+
+    vsn = VariableSelectionNetwork(n_vars=6, variable_size=3, hidden_size=hidden, context_size=4)
+    selected, weights = vsn(torch.randn(batch, steps, 6, 3), torch.randn(batch, 1, 4))
+    assert selected.shape == (batch, steps, hidden) and weights.shape == (batch, steps, 6)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(batch, steps))
+
+    contexts, static_weights = StaticCovariateEncoder([31, 9], variable_size=3, hidden_size=hidden)(
+        torch.tensor([[1, 2], [5, 0], [30, 8], [0, 0], [7, 7]]))
+    assert len(contexts) == 4 and all(c.shape == (batch, hidden) for c in contexts)
+    assert not torch.allclose(contexts[0], contexts[1])  # four distinct contexts, not one copied
+    torch.testing.assert_close(static_weights.sum(-1), torch.ones(batch))
+
+    lstm = LSTMEncoderDecoder(hidden)
+    temporal = lstm(torch.randn(batch, steps, hidden), torch.randn(batch, 2, hidden), torch.randn(batch, hidden),
+                    torch.randn(batch, hidden))
+    assert temporal.shape == (batch, steps + 2, hidden)
+
+    attention = InterpretableMultiHeadAttention(hidden, num_heads=3, attention_size=4)
+    mask = torch.ones(2, steps + 2, dtype=torch.bool).tril(diagonal=steps)
+    out, attn = attention(temporal[:, steps:], temporal, mask)
+    assert out.shape == (batch, 2, hidden) and attn.shape == (batch, 2, steps + 2)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(batch, 2))
+    assert (attn[:, 0, steps + 1] == 0).all()  # horizon 1 never attends to day t+2
+
+    assert QuantileOutput(hidden, 3)(torch.randn(batch, 2, hidden)).shape == (batch, 2, 3)
+
+
+def test_quantile_loss_matches_a_hand_computed_case():
+    pred = torch.tensor([[[0.0, 1.0, 2.0]], [[-1.0, 0.0, 3.0]]])  # 2 rows, 1 horizon, 3 quantiles
+    target = torch.tensor([[1.5], [-2.0]])
+    quantiles = torch.tensor([0.1, 0.5, 0.9])
+    # row 1, e = 1.5 - pred = (1.5, 0.5, -0.5): 0.1*1.5, 0.5*0.5, 0.1*0.5
+    # row 2, e = -2 - pred = (-1, -2, -5): 0.9*1, 0.5*2, 0.1*5
+    expected = (0.15 + 0.25 + 0.05 + 0.9 + 1.0 + 0.5) / 6
+    assert quantile_loss(pred, target, quantiles).item() == pytest.approx(expected)
+
+
+def test_a_future_step_cannot_change_earlier_horizons():
+    """Known-future day t+3 may shape the t+3 forecast but never t+1 or t+2 (causal decoder and mask)."""
+    torch.manual_seed(0)
+    net = TemporalFusionNetwork(n_past=5, n_future=2, horizons=3, n_quantiles=3, hidden_size=8,
+                                variable_hidden_size=4, attention_hidden_size=4, num_heads=2, dropout=0.0).eval()
+    x = TFTBatch(torch.tensor([[1, 2], [3, 4]]), torch.randn(2, 6, 5), torch.randn(2, 3, 2))
+    changed_future = x.future.clone()
+    changed_future[:, 2] += 5.0
+    with torch.no_grad():
+        before, after = net(x), net(x._replace(future=changed_future))
+    torch.testing.assert_close(before[:, :2], after[:, :2], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 2], after[:, 2])
+
+
+def test_known_future_inputs_are_only_calendar_facts():
+    with pytest.raises(ValueError, match=r"known-future inputs must be calendar facts, got \['KMID'\]"):
+        TFT(known_future=["day_of_week", "KMID"])
+    with pytest.raises(ValueError, match="calendar facts"):
+        calendar_features(hose_trading_days("2023-01-01", "2023-03-31"), ["$close"])
+    assert validate_known_future(CALENDAR_FEATURES) == list(CALENDAR_FEATURES)
+
+
+def test_calendar_features_around_tet_2023():
+    """Tet 2023 is Sun 22 Jan: HOSE closed Fri 20 .. Thu 26 Jan."""
+    cal = calendar_features(hose_trading_days("2022-12-01", "2023-03-31"))
+    assert cal.loc["2023-01-19", "days_to_holiday"] == 0.0  # the last session before the break
+    assert cal.loc["2023-01-18", "days_to_holiday"] == pytest.approx(0.1)
+    assert cal.loc["2023-01-19", "days_to_tet"] == pytest.approx(3 / 60)
+    assert cal.loc["2023-01-27", "closed_before"] == pytest.approx(0.7)  # 20..26 Jan closed
+    assert cal.loc["2023-01-27", "days_from_tet"] == pytest.approx(5 / 60)
+    assert cal.loc["2023-01-30", "closed_before"] == pytest.approx(0.2)  # a weekend
+    assert cal.loc["2023-01-31", "month_position"] == 1.0 and cal.loc["2023-02-01", "month_position"] < 0.1
+    assert cal.loc["2023-01-30", "day_of_week"] == 0.0 and cal.loc["2023-01-27", "day_of_week"] == 1.0
+    np.testing.assert_array_equal(static_codes(["ACB", "VCB", "NOPE"])[:, 1] > 0, [True, True, False])
+    assert static_codes(["ACB"])[0, 1] == static_codes(["VCB"])[0, 1]  # both banks
+
+
+def dataset(provider, horizons: int = 1) -> DatasetH:
+    init_qlib(provider)
+    handler = VN30TFT(start_time="2018-10-01", end_time="2023-08-31", fit_start_time="2019-01-01",
+                      fit_end_time="2020-12-31", horizons=horizons)
+    return DatasetH(handler, segments=SEGMENTS)
+
+
+def test_handler_labels_one_column_per_horizon(sim_provider):
+    assert horizon_labels(1) == (LABEL[0], ["LABEL0"])
+    labels = dataset(sim_provider(0.1), horizons=3).handler.fetch(col_set="label")
+    assert list(labels.columns) == ["LABEL0", "LABEL1", "LABEL2"]
+    acb = labels.xs("ACB", level="instrument")
+    # horizon h+1 on day t is horizon h on the next trading day
+    np.testing.assert_allclose(acb["LABEL1"].iloc[:-1].to_numpy(), acb["LABEL0"].iloc[1:].to_numpy())
+    np.testing.assert_allclose(acb["LABEL2"].iloc[:-1].to_numpy(), acb["LABEL1"].iloc[1:].to_numpy())
+
+
+def rank_ic(model: TFT, data: DatasetH) -> float:
+    pred = model.predict(data)
+    label = data.prepare("test", col_set="label").iloc[:, 0]
+    both = pd.concat([pred, label], axis=1, keys=["pred", "label"]).dropna()
+    return float(both.groupby(level="datetime").apply(lambda d: d["pred"].corr(d["label"], method="spearman")).mean())
+
+
+@pytest.fixture(scope="module")
+def planted(sim_provider) -> tuple[TFT, DatasetH]:
+    data = dataset(sim_provider(0.1))
+    model = TFT(**SMALL)
+    model.fit(data)
+    return model, data
+
+
+def test_tft_recovers_the_planted_signal(planted):
+    model, data = planted
+    assert rank_ic(model, data) > 0.05
+    # the signal is the close's place in the day's range: the K-bar inputs must carry most selection weight
+    importance = model.get_feature_importance()
+    assert importance.sum() == pytest.approx(1.0, abs=1e-5)
+    assert set(importance.index[:5]) & {"KLOW", "KUP", "KSFT", "KMID", "KLOW2", "KUP2", "KSFT2", "KMID2"}
+
+
+def test_same_seed_same_predictions(planted):
+    model, data = planted
+    again = TFT(**SMALL)
+    again.fit(data)
+    np.testing.assert_array_equal(again.predict(data).to_numpy(), model.predict(data).to_numpy())
+
+
+def test_tft_finds_nothing_in_pure_noise(sim_provider):
+    """Leakage canary: with signal 0, a look-ahead would show as a Rank IC well away from 0."""
+    data = dataset(sim_provider(0.0))
+    model = TFT(**SMALL)
+    model.fit(data)
+    # ~370 test days x 30 names: the mean daily Rank IC's standard error is about 0.01
+    assert abs(rank_ic(model, data)) < 0.03
+
+
+@pytest.mark.slow
+def test_qrun_tft_workflow_records_and_reloads(sim_provider, tmp_path):
+    provider = sim_provider(0.1)
+    overrides = {"TFT_EPOCHS": "1", "TFT_HIDDEN": "16", "TFT_THREADS": "1"}
+    recorder = run_qrun("tft_vn30.yaml", provider, tmp_path, "tft_qrun", overrides)
+    metrics = recorder.list_metrics()
+    for key in ("IC", "Rank IC", "test_mse", "tft_coverage_10_90", "tft_quantile_crossing",
+                "1day.excess_return_with_cost.annualized_return", "train_loss", "valid_loss"):
+        assert np.isfinite(metrics[key]), key
+    assert 0.6 < metrics["tft_coverage_10_90"] < 0.95
+    assert 0.0 <= metrics["tft_quantile_crossing"] <= 0.05
+    listed = {a.path for a in recorder.client.list_artifacts(recorder.id, "tft")}
+    for name in ("static_importance", "past_importance", "future_importance", "attention_by_lag"):
+        assert {f"tft/{name}.csv", f"tft/{name}.png"} <= listed, name
+    quantiles = recorder.load_object("tft/quantiles.pkl")
+    assert list(quantiles.columns) == ["h1_q0.1", "h1_q0.5", "h1_q0.9"]
+    attention = recorder.load_object("tft/attention_by_lag.pkl")
+    np.testing.assert_allclose(attention["h1"].sum(), 1.0, rtol=1e-5)
+    past = recorder.load_object("feature_importance/importance.pkl")
+    assert "KSFT" in past.index and "day_of_week" in past.index
+
+    # the pickled model, loaded back on this CPU, predicts exactly what the run recorded
+    model = recorder.load_object("params.pkl")
+    pred = recorder.load_object("pred.pkl").iloc[:, 0]
+    env = {"VN30_PROVIDER": str(provider)}
+    data = init_instance_by_config(load_workflow(REPO / "workflows" / "tft_vn30.yaml", env)["task"]["dataset"])
+    np.testing.assert_array_equal(model.predict(data).reindex(pred.index).to_numpy(), pred.to_numpy())
+    np.testing.assert_array_equal(quantiles["h1_q0.5"].to_numpy(), pred.to_numpy())
