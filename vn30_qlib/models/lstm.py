@@ -18,7 +18,8 @@ from qlib.data.dataset.handler import DataHandlerLP
 from qlib.log import get_module_logger
 from qlib.model.base import Model
 
-from vn30_qlib.models.training import LoopConfig, cpu_threads, daily_ic, fit_epochs, pick_device, set_seed
+from vn30_qlib.models.training import (
+    CpuPickledModel, LoopConfig, cpu_threads, daily_ic, fit_epochs, pick_device, set_seed)
 from vn30_qlib.models.windows import SequenceWindows
 
 LOSSES = ("mse", "ic")
@@ -37,7 +38,7 @@ class LSTMNet(torch.nn.Module):
         return self.out(self.rnn(x)[0][:, -1]).squeeze(-1)
 
 
-class LSTM(Model):
+class LSTM(CpuPickledModel, Model):
     """LSTM on sequence windows of a ``DatasetH``; the number of features is read from the data.
 
     ``loss``: "mse" on the per-day z-scored label, or "ic" (minus the mean daily Pearson correlation within a
@@ -91,7 +92,7 @@ class LSTM(Model):
         self.d_feat = len(windows.columns)
         train = _Rows(dataset, "train", windows, device)
         valid = _Rows(dataset, "valid", windows, device)
-        self.module = LSTMNet(self.d_feat, self.hidden_size, self.num_layers, self.dropout, self.bidirectional).to(device)
+        self.module = self._build_module().to(device)
         optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr)
 
         def train_batches():
@@ -136,21 +137,8 @@ class LSTM(Model):
             return -daily_ic(output, label, days)
         return torch.mean((output - label) ** 2)
 
-    def __getstate__(self) -> dict:
-        """Pickle the weights as CPU tensors, so a model trained on a GPU loads on a machine without one."""
-        state = {**self.__dict__, "epoch_callback": None}
-        state["module"] = None if self.module is None else {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        weights = state.pop("module")
-        self.__dict__.update(state)
-        self.module = None
-        if weights is not None:
-            device = torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
-            self.module = LSTMNet(self.d_feat, self.hidden_size, self.num_layers, self.dropout, self.bidirectional)
-            self.module.load_state_dict(weights)
-            self.module.to(device).eval()
+    def _build_module(self) -> LSTMNet:
+        return LSTMNet(self.d_feat, self.hidden_size, self.num_layers, self.dropout, self.bidirectional)
 
 
 class _Rows:

@@ -41,7 +41,8 @@ from vn30_qlib.models.tft_inputs import (  # noqa: E402
     CALENDAR_FEATURES, STATIC_CARDINALITIES, STATIC_FEATURES, calendar_features, extended_calendar, static_codes,
     validate_known_future,
 )
-from vn30_qlib.models.training import LoopConfig, cpu_threads, fit_epochs, pick_device, set_seed  # noqa: E402
+from vn30_qlib.models.training import (  # noqa: E402
+    CpuPickledModel, LoopConfig, cpu_threads, fit_epochs, pick_device, set_seed)
 from vn30_qlib.models.windows import SequenceWindows  # noqa: E402
 
 
@@ -329,7 +330,7 @@ class _Rows(NamedTuple):
     static: np.ndarray
 
 
-class TFT(Model):
+class TFT(CpuPickledModel, Model):
     """Temporal Fusion Transformer quantile forecasts of the next ``horizons`` daily returns (see module doc).
 
     ``predict`` returns the median forecast of horizon 1 (the handler's LABEL0), the score Qlib's records and
@@ -547,23 +548,6 @@ class TFT(Model):
             "future": pd.Series(mean("future"), index=self.known_future, name="weight"),
             "attention": attention,
         }
-
-    def __getstate__(self) -> dict:
-        """Pickle the weights as CPU tensors, so a model trained on a GPU loads on a machine without one."""
-        state = {**self.__dict__, "epoch_callback": None}
-        if self.module is not None:
-            state["module"] = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        weights = state.pop("module")
-        self.__dict__.update(state)
-        self.module = None
-        if weights is not None:
-            self.module = self._build_module()
-            self.module.load_state_dict(weights)
-            device = torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
-            self.module.to(device).eval()
 
 
 def quantile_metrics(quantiles: pd.DataFrame, label: pd.DataFrame, levels: Sequence[float], horizons: int) -> dict:

@@ -80,6 +80,30 @@ def daily_ic(pred: torch.Tensor, label: torch.Tensor, days: torch.Tensor) -> tor
     return (cov[valid] / torch.sqrt(var_p[valid] * var_y[valid])).mean()
 
 
+class CpuPickledModel:
+    """Mixin for the Qlib models that hold a torch ``module``: what the recorder pickles loads anywhere.
+
+    The weights are pickled as CPU tensors, so a model trained on a GPU loads on a machine without one, and
+    rebuilt on load by the model's ``_build_module()``; the search's ``epoch_callback`` is never pickled.
+    """
+
+    def __getstate__(self) -> dict:
+        state = {**self.__dict__, "epoch_callback": None}
+        if self.module is not None:
+            state["module"] = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        weights = state.pop("module")
+        self.__dict__.update(state)
+        self.module = None
+        if weights is not None:
+            self.module = self._build_module()
+            self.module.load_state_dict(weights)
+            device = torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
+            self.module.to(device).eval()
+
+
 @dataclass
 class LoopConfig:
     """The loop's settings; a model fills them from its constructor kwargs."""
