@@ -64,15 +64,15 @@ def _distribution_plot(metrics: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
-def _cumulative_ic_plot(pooled: pd.DataFrame, tracking_uri: str) -> bytes | None:
+def _cumulative_ic_plot(pooled: pd.DataFrame, root: Path) -> bytes | None:
     from mlflow.tracking import MlflowClient
 
     if pooled.empty:
         return None
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=f"sqlite:///{root.resolve() / 'mlruns.db'}")
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for _, row in pooled.iterrows():
-        pred = pd.read_pickle(Path(row["_root"]) / row["version"] / "pred.pkl")
+        pred = pd.read_pickle(root / row["version"] / "pred.pkl")
         label = pd.read_pickle(client.download_artifacts(row["mlflow_run_id"], "label.pkl"))
         daily_ic(pred, label.iloc[:, 0] if isinstance(label, pd.DataFrame) else label).cumsum().plot(ax=ax, label=row["model"])
     ax.axhline(0, color="grey", lw=0.8)
@@ -113,16 +113,15 @@ def build_report(store_root: str | Path, out_dir: str | Path) -> dict[str, Path]
     if metrics.empty:
         raise ValueError(f"{root}: no stored versions to report on")
     header = describe_setup(root / metrics["version"].iloc[0])
-    pooled = pooled.assign(_root=str(root))
     images = {"rank_ic_distribution.png": _distribution_plot(metrics)}
-    cumulative = _cumulative_ic_plot(pooled, f"sqlite:///{root.resolve() / 'mlruns.db'}")
+    cumulative = _cumulative_ic_plot(pooled, root)
     if cumulative:
         images["cumulative_ic.png"] = cumulative
     for name, data in images.items():
         (out / name).write_bytes(data)
     metrics.to_csv(out / "metrics.csv", index=False)
     export = {"header": header, "per_symbol": metrics.to_dict(orient="records"),
-              "pooled_cross_sectional": pooled.drop(columns="_root").to_dict(orient="records"), "failures": failures}
+              "pooled_cross_sectional": pooled.to_dict(orient="records"), "failures": failures}
     (out / "metrics.json").write_text(json.dumps(export, indent=2, default=str))
 
     table = metrics.pivot_table(index="symbol", columns=["model", "mode"], values="rank_ic", aggfunc="first", dropna=False)
@@ -135,7 +134,7 @@ def build_report(store_root: str | Path, out_dir: str | Path) -> dict[str, Path]
     sections = [
         ("Setup", "\n".join(f"- **{k}**: {v}" for k, v in header.items())),
         ("Per-symbol vs pooled (mean over symbols, test segment)", comparison.to_html(float_format="%.4f")),
-        ("Pooled models: daily cross-sectional IC", pooled.drop(columns=["_root", "provider", "data_span"], errors="ignore")
+        ("Pooled models: daily cross-sectional IC", pooled.drop(columns=["provider", "data_span"], errors="ignore")
          .to_html(index=False, float_format="%.4f") if not pooled.empty else "none"),
         ("Time-series Rank IC by symbol and model (blank: degenerate)", table.to_html(float_format="%.4f", na_rep="")),
         ("Degenerate entries (near-constant predictions)", degenerate.to_html(index=False) if len(degenerate) else "none"),
@@ -151,7 +150,7 @@ def build_report(store_root: str | Path, out_dir: str | Path) -> dict[str, Path]
     markdown = ["# VN30 baseline report", "", *[f"- **{k}**: {v}" for k, v in header.items()], "",
                 "## Per-symbol vs pooled (mean over symbols, test segment)", "", _markdown(comparison.reset_index()), "",
                 "## Pooled models: daily cross-sectional IC", "",
-                _markdown(pooled.drop(columns=["_root", "provider", "data_span"], errors="ignore")) if not pooled.empty else "none", "",
+                _markdown(pooled.drop(columns=["provider", "data_span"], errors="ignore")) if not pooled.empty else "none", "",
                 "## Time-series Rank IC by symbol and model (blank: degenerate)", "",
                 _markdown(table.set_axis([f"{m} {mode}" for m, mode in table.columns], axis=1).reset_index()), "",
                 "## Degenerate entries", "", _markdown(degenerate) if len(degenerate) else "none", "",
