@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--no-pf", action="store_true", help="skip the pytorch-forecasting comparison")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for everything (0 = every core)")
     args = parser.parse_args()
-    from vn30_qlib.models.training import cpu_threads
+    from vn30_qlib.cpu import cpu_threads
 
     torch.set_num_threads(args.threads or cpu_threads())
     provider = str(Path(args.provider).expanduser())

@@ -40,6 +40,20 @@ def sim_provider(tmp_path_factory: pytest.TempPathFactory):
     return build
 
 
+def write_workflow(folder: Path, name: str, replace: dict[str, str] | None = None, append: str = "") -> Path:
+    """A copy of ``workflows/{name}`` in ``folder`` (its base config found by absolute path), with text
+    replacements and an appended YAML tail: a user's own variant of a shipped workflow."""
+    text = (REPO / "workflows" / name).read_text()
+    text = text.replace("BASE_CONFIG_PATH: base_vn30.yaml", f"BASE_CONFIG_PATH: {REPO / 'workflows' / 'base_vn30.yaml'}")
+    for old, new in (replace or {}).items():
+        assert old in text, f"{name} has no {old!r}"
+        text = text.replace(old, new)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text + append)
+    return path
+
+
 def run_qrun(workflow: str, provider: Path, workdir: Path, experiment: str, extra_env: dict | None = None):
     """Run ``qrun workflows/{workflow}`` as a user would, in ``workdir``; return the run's recorder."""
     import os

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import write_workflow
 from vn30_qlib import store
 from vn30_qlib.loop import adapt_task, run_loop
 from vn30_qlib.metrics import time_series_metrics
@@ -29,12 +29,8 @@ SYMBOLS = ["ACB", "FPT"]
 @pytest.fixture(scope="module")
 def small_workflow(tmp_path_factory) -> Path:
     """lgb_vn30.yaml with fewer boosting rounds (a user's own workflow on the same base)."""
-    text = (REPO / "workflows" / "lgb_vn30.yaml").read_text()
-    text = text.replace("BASE_CONFIG_PATH: base_vn30.yaml", f"BASE_CONFIG_PATH: {REPO / 'workflows' / 'base_vn30.yaml'}")
-    text = text.replace("            loss: mse\n", "            loss: mse\n            num_boost_round: 30\n")
-    path = tmp_path_factory.mktemp("wf") / "lgb_vn30.yaml"
-    path.write_text(text)
-    return path
+    return write_workflow(tmp_path_factory.mktemp("wf"), "lgb_vn30.yaml",
+                          {"            loss: mse\n": "            loss: mse\n            num_boost_round: 30\n"})
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +123,10 @@ def test_degenerate_predictions_are_flagged_not_nan():
     assert flat["degenerate"] is True and flat["ic"] is None and flat["rank_ic"] is None
     live = time_series_metrics(label + 0.1, label)
     assert live["degenerate"] is False and live["ic"] == pytest.approx(1.0)
+    zscored = (label - 0.5) / 2
+    in_model_units = time_series_metrics(zscored + 0.1, label, error_label=zscored)
+    assert in_model_units["mse"] == pytest.approx(0.01) and in_model_units["mae"] == pytest.approx(0.1)
+    assert in_model_units["ic"] == pytest.approx(1.0), "correlations stay against the raw label"
 
 
 def test_sigkill_mid_loop_leaves_every_version_loadable(small_workflow, sim_provider, tmp_path):

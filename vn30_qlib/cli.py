@@ -39,7 +39,8 @@ def _loop(args: argparse.Namespace) -> int:
     from vn30_qlib.loop import run_loop
 
     results = run_loop(args.workflows, args.provider, args.store, symbols=args.symbols, modes=args.modes,
-                       jobs=args.jobs, force=args.force)
+                       jobs=args.jobs, force=args.force, executor=args.executor, ray_address=args.ray_address,
+                       tracking_uri=args.tracking_uri)
     counts = {status: sum(r["status"] == status for r in results) for status in ("done", "skipped", "failed")}
     print(f"loop finished: {counts['done']} fitted, {counts['skipped']} already done, {counts['failed']} failed")
     for failure in (r for r in results if r["status"] == "failed"):
@@ -66,10 +67,18 @@ def _validate(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from vn30_qlib.tune import tune
 
-    result = tune(args.workflow, args.provider, args.out, n_trials=args.trials)
+    result = tune(args.workflow, args.provider, args.out, n_trials=args.trials, executor=args.executor,
+                  jobs=args.jobs, ray_address=args.ray_address)
     print(f"{result['trials']} trials; best mean validation score {result['best_value']:.4f} with {result['best_params']}")
     print(f"ready-to-run workflow: {result['tuned_workflow']}")
     return 0
+
+
+def _executor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", default="local", choices=["local", "ray"],
+                        help="local worker processes, or one Ray task per fit (needs pip install -e '.[ray]')")
+    parser.add_argument("--ray-address", help="Ray cluster to use, e.g. auto or HEAD:6379 (default: start a local "
+                                              "Ray with --jobs CPUs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=["per_symbol", "pooled"], choices=["per_symbol", "pooled"])
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
     p.add_argument("--force", action="store_true", help="retrain entries already stored with this config and data")
+    _executor_arguments(p)
+    p.add_argument("--tracking-uri", help="mlflow store of the recorder runs (default: sqlite:///{store}/mlruns.db; "
+                                          "on a cluster, a server every worker reaches)")
     p.set_defaults(handler=_loop)
 
     p = commands.add_parser("report", help="Markdown/HTML report and CSV/JSON metrics from the model store")
@@ -118,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", default=DEFAULT_PROVIDER)
     p.add_argument("--out", default="tuning", help="folder of the study (optuna.db) and its mlflow runs")
     p.add_argument("--trials", type=int, help="total trials (default: n_trials of the search space); resumes")
+    p.add_argument("--jobs", type=int, default=1, help="trials run at once (default 1: one after another, here)")
+    _executor_arguments(p)
     p.set_defaults(handler=_tune)
 
     p = commands.add_parser("validate", help="reload stored versions and prove they re-predict their predictions")
@@ -129,11 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vn30_qlib.data.ingest import IngestError
+    from vn30_qlib.executors import WorkerCannotSee
     from vn30_qlib.store import StoreError
 
     try:
         return args.handler(args)
-    except (IngestError, StoreError, FileNotFoundError) as error:
+    except (IngestError, StoreError, WorkerCannotSee, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

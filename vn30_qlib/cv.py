@@ -95,7 +95,8 @@ def cross_validate(task: dict, folds: list[Fold], tracking_uri: str, run_name: s
     ``on_fold(i, metrics)`` is called after each fold (the tuner reports to Optuna there, and may raise to
     prune); ``model_hook(model)`` may adjust the model before fitting (e.g. attach an epoch callback);
     ``dataset_cache`` keeps each fold's dataset between calls that differ only in the model (a search).
-    A fold whose predictions are constant scores IC and Rank IC 0 (no skill), not NaN.
+    A fold whose predictions are constant scores IC and Rank IC 0 (no skill), not NaN. IC and Rank IC are
+    against the raw return, MSE against the label after the learn processors (what the model predicts).
     """
     from mlflow.tracking import MlflowClient
     from qlib.data.dataset.handler import DataHandlerLP
@@ -124,11 +125,13 @@ def cross_validate(task: dict, folds: list[Fold], tracking_uri: str, run_name: s
                 model.fit(dataset)
                 pred = model.predict(dataset, segment="valid")
                 label = dataset.prepare("valid", col_set="label", data_key=DataHandlerLP.DK_R).iloc[:, 0]
+                learnt = dataset.prepare("valid", col_set="label", data_key=DataHandlerLP.DK_L).iloc[:, 0]
                 both = pd.concat([pred.rename("p"), label.rename("l")], axis=1).dropna()
                 cs = cross_sectional_metrics(both["p"], both["l"])
                 metrics = {"ic": 0.0, "rank_ic": 0.0} if cs["degenerate"] else {"ic": cs["cs_ic"],
                                                                                  "rank_ic": cs["cs_rank_ic"]}
-                metrics["mse"] = float(((both["p"] - both["l"]) ** 2).mean())
+                errors = pd.concat([pred.rename("p"), learnt.rename("l")], axis=1).dropna()
+                metrics["mse"] = float(((errors["p"] - errors["l"]) ** 2).mean())  # in the units the model learns
                 R.log_metrics(**metrics)
             per_fold.append(metrics)
             if on_fold:

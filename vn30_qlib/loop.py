@@ -14,11 +14,9 @@ import json
 import platform
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version as package_version
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -107,8 +105,9 @@ def _failure_path(store_root: Path, entry: LoopEntry) -> Path:
     return store_root / "failures" / f"{entry.model}__{entry.mode}__{entry.symbol or 'all'}.json"
 
 
-def fit_entry(entry: LoopEntry, provider: str, store_root: str, force: bool = False) -> dict:
-    """Fit, evaluate and store one entry; never raises: a failure comes back (and is saved) with its error."""
+def fit_entry(entry: LoopEntry, provider: str, store_root: str, force: bool = False,
+              tracking_uri: str | None = None) -> dict:
+    """Fit, evaluate and store one entry; never raises: a failure comes back with its error and traceback."""
     store_root = Path(store_root)
     started = time.perf_counter()
     try:
@@ -118,30 +117,42 @@ def fit_entry(entry: LoopEntry, provider: str, store_root: str, force: bool = Fa
         fingerprint = provider_fingerprint(provider)
         target = store.entry_dir(store_root, entry.model, entry.symbol)
         current = store.latest(target)
-        if current and not force:
-            meta = store.read_metadata(current)
-            if meta["config_hash"] == task_hash and meta["provider"]["sha256"] == fingerprint["sha256"]:
-                return {**asdict(entry), "status": "skipped", "version": str(current)}
-        version = _fit_and_store(entry, task, task_hash, fingerprint, provider, store_root, target)
-        _failure_path(store_root, entry).unlink(missing_ok=True)
-        return {**asdict(entry), "status": "done", "version": str(version),
+        if current and not force and _same_fit(current, task_hash, fingerprint):
+            return {**asdict(entry), "status": "skipped", "version": str(current)}
+        version, stored = _fit_and_store(entry, task, task_hash, fingerprint, provider, target,
+                                         tracking_uri or _tracking_uri(store_root), force)
+        return {**asdict(entry), "status": "done" if stored else "skipped", "version": str(version),
                 "seconds": time.perf_counter() - started}
     except Exception as error:  # one failing entry must not stop the loop
-        failure = {**asdict(entry), "status": "failed", "error": f"{type(error).__name__}: {error}",
-                   "traceback": traceback.format_exc(), "seconds": time.perf_counter() - started}
-        path = _failure_path(store_root, entry)
+        return {**asdict(entry), "status": "failed", "error": f"{type(error).__name__}: {error}",
+                "traceback": traceback.format_exc(), "seconds": time.perf_counter() - started}
+
+
+def _same_fit(version: Path, task_hash: str, fingerprint: dict) -> bool:
+    meta = store.read_metadata(version)
+    return meta["config_hash"] == task_hash and meta["provider"]["sha256"] == fingerprint["sha256"]
+
+
+def _record_outcome(store_root: Path, entry: LoopEntry, result: dict) -> None:
+    """Written by the driver, which sees the store even when a worker died: failures/{entry}.json while an
+    entry fails, removed once it is done."""
+    path = _failure_path(store_root, entry)
+    if result["status"] == "failed":
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(failure, indent=2))
-        return failure
+        path.write_text(json.dumps(result, indent=2))
+    else:
+        path.unlink(missing_ok=True)
 
 
-def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: dict, provider: str,
-                   store_root: Path, target: Path) -> Path:
+def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: dict, provider: str, target: Path,
+                   tracking_uri: str, force: bool) -> tuple[Path, bool]:
+    """The new version, or the one another worker stored meanwhile (a retried or duplicated task), and
+    whether this call stored it. The check and the write hold the entry's lock, so one fit lands once."""
     from qlib.data.dataset.handler import DataHandlerLP
     from qlib.utils import init_instance_by_config
     from qlib.workflow import R
 
-    init_qlib_for(provider, _tracking_uri(store_root))
+    init_qlib_for(provider, tracking_uri)
     timings = {}
     with R.start(experiment_name=EXPERIMENT, recorder_name=entry.label()):
         R.set_tags(symbol=entry.symbol or "all", model=entry.model, mode=entry.mode, config_hash=task_hash)
@@ -156,7 +167,8 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
         pred = model.predict(dataset, segment="test")
         timings["predict_s"] = time.perf_counter() - clock
         label = dataset.prepare("test", col_set="label", data_key=DataHandlerLP.DK_R).iloc[:, 0]
-        metrics = evaluate(pred, label, entry.mode)
+        learnt_label = dataset.prepare("test", col_set="label", data_key=DataHandlerLP.DK_L).iloc[:, 0]
+        metrics = evaluate(pred, label, learnt_label, entry.mode)
         R.save_objects(**{"pred.pkl": pred, "label.pkl": label})
         R.log_metrics(**_flat_numbers(metrics))
         run_id = R.get_recorder().id
@@ -167,16 +179,25 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
         "data_span": {name: [str(d) for d in span] for name, span in segments.items()},
         "seed": task["model"].get("kwargs", {}).get("seed"),
         "packages": {name: package_version(name) for name in PACKAGES} | {"python": platform.python_version()},
-        "metrics": metrics, "timings": timings, "mlflow_run_id": run_id,
+        "metrics": metrics, "timings": timings, "mlflow_run_id": run_id, "mlflow_tracking_uri": tracking_uri,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return store.save_version(target, model, task, pred, metadata)
+    with store.entry_lock(target):
+        current = store.latest(target)
+        if current and not force and _same_fit(current, task_hash, fingerprint):
+            return current, False
+        return store.save_version(target, model, task, pred, metadata), True
 
 
-def evaluate(pred: pd.Series, label: pd.Series, mode: str) -> dict:
-    """Per-symbol time-series metrics; a pooled model also gets the daily cross-sectional ones."""
+def evaluate(pred: pd.Series, label: pd.Series, learnt_label: pd.Series, mode: str) -> dict:
+    """Per-symbol time-series metrics; a pooled model also gets the daily cross-sectional ones.
+
+    Correlations and hit rates are against the raw return ``label``; MSE and MAE against ``learnt_label``,
+    the label after the workflow's learn processors, i.e. in the units the model predicts (a z-score).
+    """
     per_symbol = {
-        symbol: time_series_metrics(pred.xs(symbol, level="instrument"), group.droplevel("instrument"))
+        symbol: time_series_metrics(pred.xs(symbol, level="instrument"), group.droplevel("instrument"),
+                                    learnt_label.xs(symbol, level="instrument"))
         for symbol, group in label.groupby(level="instrument")
     }
     metrics = {"per_symbol": per_symbol}
@@ -197,47 +218,61 @@ def _tracking_uri(store_root: Path) -> str:
     return f"sqlite:///{store_root.resolve() / 'mlruns.db'}"
 
 
-def _create_tracking_store(store_root: Path) -> None:
-    """Create the sqlite store and the experiment once, before workers start (parallel schema setup races)."""
+def create_tracking_store(tracking_uri: str, experiment: str = EXPERIMENT) -> None:
+    """Create the tracking store and the experiment once, before workers start (parallel schema setup races)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=_tracking_uri(store_root))
-    if client.get_experiment_by_name(EXPERIMENT) is None:
-        client.create_experiment(EXPERIMENT)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment)
 
 
 def plan(workflows: Sequence[str | Path], provider: str | Path, symbols: Iterable[str] | None = None,
          modes: Sequence[str] = ("per_symbol", "pooled")) -> list[LoopEntry]:
-    """Every entry of a loop: per workflow, one per symbol (per-symbol mode) and one pooled fit."""
+    """Every entry of a loop: per workflow, one pooled fit and one per symbol (per-symbol mode).
+
+    Pooled fits come first, in the order of ``workflows``: they are the longest, and starting them first keeps
+    the other workers busy with the short per-symbol fits instead of leaving one long fit to run alone at the end.
+    """
     symbols = list(symbols) if symbols else read_instruments(provider, "vn30")["symbol"].tolist()
-    entries = []
-    for workflow in workflows:
-        workflow = str(Path(workflow).resolve())
-        if "per_symbol" in modes:
-            entries += [LoopEntry(workflow, "per_symbol", symbol) for symbol in symbols]
-        if "pooled" in modes:
-            entries.append(LoopEntry(workflow, "pooled", None))
+    workflows = [str(Path(workflow).resolve()) for workflow in workflows]
+    entries = [LoopEntry(workflow, "pooled", None) for workflow in workflows if "pooled" in modes]
+    if "per_symbol" in modes:
+        entries += [LoopEntry(workflow, "per_symbol", symbol) for symbol in symbols for workflow in workflows]
     return entries
 
 
 def run_loop(workflows: Sequence[str | Path], provider: str | Path, store_root: str | Path = "models",
              symbols: Iterable[str] | None = None, modes: Sequence[str] = ("per_symbol", "pooled"),
-             jobs: int = 1, force: bool = False, progress: bool = True) -> list[dict]:
-    """Run (or resume) the loop in ``jobs`` worker processes; returns one result per entry."""
+             jobs: int = 1, force: bool = False, progress: bool = True, executor: str = "local",
+             ray_address: str | None = None, tracking_uri: str | None = None) -> list[dict]:
+    """Run (or resume) the loop; returns one result per entry, in plan order.
+
+    ``executor``: ``local`` (``jobs`` worker processes) or ``ray`` (one Ray task per entry; see
+    `vn30_qlib.executors`). ``tracking_uri``: the mlflow store of the recorder runs, by default
+    ``sqlite:///{store_root}/mlruns.db``.
+    """
     from tqdm import tqdm
 
+    from vn30_qlib.executors import WorkerDied, run_calls
+
     provider = str(Path(provider).expanduser().resolve())
+    store_root = Path(store_root).resolve()
     entries = plan(workflows, provider, symbols, modes)
-    Path(store_root).mkdir(parents=True, exist_ok=True)
-    _create_tracking_store(Path(store_root))
-    results = []
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(fit_entry, e, provider, str(store_root), force): e for e in entries}
-        with tqdm(total=len(futures), desc="vn30 loop", unit="fit", disable=not progress) as bar:
-            for future in as_completed(futures):
-                result = future.result()
-                results.append(result)
-                bar.set_postfix_str(f"{futures[future].label()} {result['status']}")
-                bar.update()
-    order = {e: i for i, e in enumerate(entries)}
-    return sorted(results, key=lambda r: order[LoopEntry(r["workflow"], r["mode"], r["symbol"])])
+    store_root.mkdir(parents=True, exist_ok=True)
+    tracking_uri = tracking_uri or _tracking_uri(store_root)
+    create_tracking_store(tracking_uri)
+    calls = [(entry, provider, str(store_root), force, tracking_uri) for entry in entries]
+    results: list[dict | None] = [None] * len(entries)
+    with tqdm(total=len(entries), desc="vn30 loop", unit="fit", disable=not progress) as bar:
+        for index, result in run_calls(fit_entry, calls, executor, jobs, ray_address,
+                                       readable=[provider, *sorted({e.workflow for e in entries})],
+                                       writable=[str(store_root)]):
+            entry = entries[index]
+            if isinstance(result, WorkerDied):
+                result = {**asdict(entry), "status": "failed", "error": f"WorkerDied: {result}", "traceback": ""}
+            _record_outcome(store_root, entry, result)
+            results[index] = result
+            bar.set_postfix_str(f"{entry.label()} {result['status']}")
+            bar.update()
+    return results

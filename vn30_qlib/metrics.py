@@ -19,15 +19,18 @@ def _aligned(pred: pd.Series, label: pd.Series) -> pd.DataFrame:
     return pd.concat([pred.rename("pred"), label.rename("label")], axis=1, join="inner").dropna()
 
 
-def time_series_metrics(pred: pd.Series, label: pd.Series) -> dict:
+def time_series_metrics(pred: pd.Series, label: pd.Series, error_label: pd.Series | None = None) -> dict:
     """One symbol over time: MSE, MAE, IC, Rank IC and the hit rate of the sign of the raw label.
 
-    A degenerate (constant) prediction gets ``degenerate: True`` and IC/Rank IC of None, never a silent NaN.
+    MSE and MAE compare ``pred`` with ``error_label`` when given (the label in the units the model was trained
+    on, e.g. z-scored), else with ``label``. A degenerate (constant) prediction gets ``degenerate: True`` and
+    IC/Rank IC of None, never a silent NaN.
     """
     both = _aligned(pred, label)
     if both.empty:
         raise ValueError("no day has both a prediction and a label")
-    error = both["pred"] - both["label"]
+    errors = both if error_label is None else _aligned(pred, error_label)
+    error = errors["pred"] - errors["label"]
     degenerate = is_degenerate(both["pred"], both["label"])
     nonzero = both["label"] != 0
     return {

@@ -13,13 +13,16 @@ version. Versions are numbered ``v0001, v0002, ...`` and never overwritten.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import pickle
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import yaml
@@ -63,6 +66,19 @@ def save_version(entry: Path, model: object, task: dict, pred: pd.Series, metada
     pointer.write_text(version.name + "\n")
     os.replace(pointer, entry / "latest")
     return version
+
+
+@contextmanager
+def entry_lock(entry: Path) -> Iterator[None]:
+    """Hold an exclusive lock on one entry (``{entry}/.lock``, flock: released when the holder dies), so a
+    check of ``latest`` and the write that depends on it happen as one step across processes and hosts."""
+    entry.mkdir(parents=True, exist_ok=True)
+    with open(entry / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _rename_to_next_version(partial: Path, entry: Path) -> Path:

@@ -20,6 +20,7 @@ pruned after any fold, and the neural models (their ``epoch_callback`` is passed
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -27,8 +28,8 @@ import jinja2
 import optuna
 import yaml
 
-from vn30_qlib.cv import Fold, cross_validate, folds_for
-from vn30_qlib.loop import init_qlib_for
+from vn30_qlib.cv import CV_EXPERIMENT, Fold, cross_validate, folds_for
+from vn30_qlib.loop import create_tracking_store, init_qlib_for
 
 MAXIMISE = {"ic", "rank_ic"}
 
@@ -65,37 +66,74 @@ def suggest(trial: optuna.Trial, params: dict) -> dict:
 
 
 def tune(workflow: str | Path, provider: str | Path, out_dir: str | Path = "tuning", n_trials: int | None = None,
-         start: dict | None = None) -> dict:
+         start: dict | None = None, executor: str = "local", jobs: int = 1, ray_address: str | None = None) -> dict:
     """Run (or resume) the search; returns the best value, parameters and the path of the tuned workflow.
 
     ``start``: parameters (inside the search space) evaluated as the first trial of a new study.
+    ``executor``/``jobs``/``ray_address``: with ``local`` and one job the trials run here one after another
+    (sharing the fold datasets); otherwise each trial is one task of `vn30_qlib.executors.run_calls`, run
+    against the same study storage (Optuna samples each new trial from the trials finished so far).
     """
     workflow, out_dir = Path(workflow).resolve(), Path(out_dir).resolve()
+    provider = str(Path(provider).expanduser().resolve())
     out_dir.mkdir(parents=True, exist_ok=True)
     space = read_search_space(workflow)
-    objective_key = space.get("objective", "rank_ic")
-    tracking_uri = f"sqlite:///{out_dir / 'mlruns.db'}"
-    init_qlib_for(provider, tracking_uri)
-    task, folds = folds_for(workflow, provider, **space["folds"])
-    task["model"].setdefault("kwargs", {})
-    # A heartbeat marks the trial of a killed search as failed once it has been silent for 10 s.
-    storage = optuna.storages.RDBStorage(f"sqlite:///{out_dir / 'optuna.db'}", heartbeat_interval=5, grace_period=10)
-    study = optuna.create_study(
-        study_name=workflow.stem, storage=storage, load_if_exists=True,
-        direction="maximize" if objective_key in MAXIMISE else "minimize",
-        sampler=optuna.samplers.TPESampler(seed=space.get("seed", 0)),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=space.get("pruner_startup_trials", 3)),
-    )
+    study = _open_study(workflow, out_dir, space)
     if start and not study.trials:
         study.enqueue_trial(start)
     finished = sum(t.state.is_finished() for t in study.trials)
     remaining = max(0, (n_trials or space.get("n_trials", 20)) - finished)
-    datasets: dict = {}
-    study.optimize(lambda trial: _objective(trial, task, folds, space, objective_key, tracking_uri, workflow, datasets),
-                   n_trials=remaining)
+    if executor == "local" and jobs == 1:
+        run_trials(workflow, provider, out_dir, remaining)
+    else:
+        from qlib.log import get_module_logger
+
+        from vn30_qlib.executors import WorkerDied, run_calls
+
+        create_tracking_store(_tracking_uri(out_dir), CV_EXPERIMENT)
+        calls = [(workflow, provider, out_dir, 1)] * remaining
+        for _, outcome in run_calls(run_trials, calls, executor, jobs, ray_address,
+                                    readable=[provider, str(workflow)], writable=[str(out_dir)]):
+            if isinstance(outcome, WorkerDied):  # Optuna's heartbeat marks that trial failed; the search goes on
+                get_module_logger("vn30_qlib.tune").warning(f"a trial's worker died: {outcome}")
+    study = _open_study(workflow, out_dir, space)
     tuned = write_tuned_workflow(workflow, study.best_params)
     return {"best_value": study.best_value, "best_params": study.best_params, "tuned_workflow": tuned,
             "trials": len(study.trials)}
+
+
+def _tracking_uri(out_dir: Path) -> str:
+    return f"sqlite:///{out_dir / 'mlruns.db'}"
+
+
+def _open_study(workflow: Path, out_dir: Path, space: dict) -> optuna.Study:
+    # A heartbeat marks the trial of a killed search as failed once it has been silent for 10 s.
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out_dir / 'optuna.db'}", heartbeat_interval=5, grace_period=10)
+    return optuna.create_study(
+        study_name=workflow.stem, storage=storage, load_if_exists=True,
+        direction="maximize" if space.get("objective", "rank_ic") in MAXIMISE else "minimize",
+        sampler=optuna.samplers.TPESampler(seed=space.get("seed", 0)),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=space.get("pruner_startup_trials", 3)),
+    )
+
+
+def run_trials(workflow: Path, provider: str, out_dir: Path, n_trials: int) -> int:
+    """Run ``n_trials`` trials of the stored study in this process (a worker's task); returns how many ran."""
+    space = read_search_space(workflow)
+    objective_key = space.get("objective", "rank_ic")
+    tracking_uri = _tracking_uri(out_dir)
+    init_qlib_for(provider, tracking_uri)
+    task, folds = folds_for(workflow, provider, **space["folds"])
+    task["model"].setdefault("kwargs", {})
+    study = _open_study(workflow, out_dir, space)
+    datasets = _FOLD_DATASETS.setdefault(json.dumps(task["dataset"], sort_keys=True, default=str), {})
+    study.optimize(lambda trial: _objective(trial, task, folds, space, objective_key, tracking_uri, workflow, datasets),
+                   n_trials=n_trials)
+    return n_trials
+
+
+# Fold datasets built in this process, reused by its later trials (a worker process runs many).
+_FOLD_DATASETS: dict[str, dict] = {}
 
 
 def _objective(trial: optuna.Trial, task: dict, folds: list[Fold], space: dict, key: str, tracking_uri: str,

@@ -18,8 +18,9 @@ from qlib.data.dataset.handler import DataHandlerLP
 from qlib.log import get_module_logger
 from qlib.model.base import Model
 
+from vn30_qlib.cpu import cpu_threads
 from vn30_qlib.models.training import (
-    CpuPickledModel, LoopConfig, cpu_threads, daily_ic, fit_epochs, pick_device, set_seed)
+    CpuPickledModel, LoopConfig, daily_ic, fit_epochs, pick_device, set_seed)
 from vn30_qlib.models.windows import SequenceWindows
 
 LOSSES = ("mse", "ic")

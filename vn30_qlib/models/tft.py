@@ -41,8 +41,9 @@ from vn30_qlib.models.tft_inputs import (  # noqa: E402
     CALENDAR_FEATURES, STATIC_CARDINALITIES, STATIC_FEATURES, calendar_features, extended_calendar, static_codes,
     validate_known_future,
 )
+from vn30_qlib.cpu import cpu_threads  # noqa: E402
 from vn30_qlib.models.training import (  # noqa: E402
-    CpuPickledModel, LoopConfig, cpu_threads, fit_epochs, pick_device, set_seed)
+    CpuPickledModel, LoopConfig, fit_epochs, pick_device, set_seed)
 from vn30_qlib.models.windows import SequenceWindows  # noqa: E402
 
 
@@ -517,8 +518,10 @@ class TFT(CpuPickledModel, Model):
         return panel, panel.rows(index), next(self.module.parameters()).device
 
     def _forward(self, panel: _Panel, rows: _Rows, device: torch.device) -> tuple[torch.Tensor, list[TFTWeights]]:
-        """Forecasts (rows, H, Q) in label-sd units for all ``rows``, in large chunks; weights per chunk."""
-        chunk = max(self.batch_size, 8192)
+        """Forecasts (rows, H, Q) in label-sd units for all ``rows``, a training batch at a time; weights per
+        chunk. (Larger chunks are no faster on CPU, and each (rows, steps, variables, width) activation of an
+        8,192-row chunk is ~200 MB: they doubled the pooled fit's peak memory.)"""
+        chunk = self.batch_size
         self.module.eval()
         outputs, weights = [], []
         with torch.no_grad():

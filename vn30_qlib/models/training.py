@@ -47,13 +47,6 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def cpu_threads() -> int:
-    """``OMP_NUM_THREADS`` when set, else the cores this process may run on (a container's limit, not the host's)."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def daily_ic(pred: torch.Tensor, label: torch.Tensor, days: torch.Tensor) -> torch.Tensor:
     """Mean over days of the cross-sectional Pearson correlation of ``pred`` and ``label`` (1-d, same rows).
 
