@@ -19,7 +19,7 @@ from conftest import write_workflow
 from vn30_qlib import store
 from vn30_qlib.loop import adapt_task, run_loop
 from vn30_qlib.metrics import time_series_metrics
-from vn30_qlib.report import build_report
+from vn30_qlib.report import build_report, tuned_vs_default
 from vn30_qlib.workflow_config import load_workflow
 
 pytestmark = pytest.mark.slow
@@ -114,6 +114,16 @@ def test_report_from_store_and_recorder(looped, tmp_path):
     assert "data:image/png;base64," in files["report.html"].read_text()
     for png in ("rank_ic_distribution.png", "cumulative_ic.png"):
         assert files[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_puts_a_tuned_workflow_beside_its_seed_default():
+    index = pd.MultiIndex.from_tuples([("lgb", "pooled"), ("lgb", "per_symbol"), ("lgb_tuned", "pooled"),
+                                       ("lstm", "pooled")], names=["model", "mode"])
+    comparison = pd.DataFrame({"mean_rank_ic": [0.01, 0.005, 0.02, 0.03]}, index=index)
+    pooled = pd.DataFrame({"model": ["lgb", "lgb_tuned", "lstm"], "cs_rank_ic": [0.04, 0.05, 0.06]})
+    assert tuned_vs_default(comparison, pooled).to_dict("records") == [
+        {"model": "lgb", "mode": "pooled", "default mean Rank IC": 0.01, "tuned mean Rank IC": 0.02,
+         "default cs Rank IC": 0.04, "tuned cs Rank IC": 0.05}]
 
 
 def test_degenerate_predictions_are_flagged_not_nan():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from typing import Any, Callable, Iterator, Sequence
@@ -47,14 +47,18 @@ def missing_paths(readable: Sequence[str], writable: Sequence[str]) -> list[str]
 
 def run_calls(fn: Callable, calls: Sequence[tuple], executor: str = "local", jobs: int = 1,
               ray_address: str | None = None, max_retries: int = 2, readable: Sequence[str] = (),
-              writable: Sequence[str] = ()) -> Iterator[tuple[int, Any]]:
+              writable: Sequence[str] = (), exclusive: Sequence[int] = ()) -> Iterator[tuple[int, Any]]:
     """Run ``fn(*args)`` for each of ``calls``; yields ``(index, result or WorkerDied)`` as they finish.
+
+    ``exclusive``: indices of calls that must not run two at a time on this machine (the loop's pooled fits,
+    each holding the whole panel); the local executor holds them back meanwhile. Ray ignores it: it places
+    tasks by CPUs over a cluster's nodes.
 
     ``readable``/``writable``: paths every worker must see (provider, store); checked on every Ray node
     before the first call, so a node without them fails fast with :class:`WorkerCannotSee`, not a hang.
     """
     if executor == "local":
-        yield from _run_local(fn, calls, jobs)
+        yield from _run_local(fn, calls, jobs, set(exclusive))
     elif executor == "ray":
         yield from _run_ray(fn, calls, jobs, ray_address, max_retries, readable, writable)
     else:
@@ -67,16 +71,36 @@ def _start_local_worker(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-def _run_local(fn: Callable, calls: Sequence[tuple], jobs: int) -> Iterator[tuple[int, Any]]:
+def _run_local(fn: Callable, calls: Sequence[tuple], jobs: int, exclusive: set[int]) -> Iterator[tuple[int, Any]]:
+    """Keeps ``jobs`` calls in flight, taking them in order, except that an ``exclusive`` call waits while
+    another exclusive call runs (the next non-exclusive call goes first)."""
     threads = max(1, cpu_threads() // jobs)
+    waiting, running = list(range(len(calls))), {}
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_start_local_worker,
                              initargs=(threads,)) as pool:
-        futures = {pool.submit(fn, *args): index for index, args in enumerate(calls)}
-        for future in as_completed(futures):
-            try:
-                yield futures[future], future.result()
-            except BrokenProcessPool as error:
-                yield futures[future], WorkerDied(f"a local worker process died: {error}")
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                exclusive_running = any(index in exclusive for index in running.values())
+                index = next((i for i in waiting if not (exclusive_running and i in exclusive)), None)
+                if index is None:
+                    break
+                waiting.remove(index)
+                try:
+                    running[pool.submit(fn, *calls[index])] = index
+                except BrokenProcessPool as error:  # the pool broke: nothing more can start in it
+                    for lost in [index, *waiting]:
+                        yield lost, WorkerDied(f"a local worker process died: {error}")
+                    waiting.clear()
+                    break
+            if not running:
+                continue
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                index = running.pop(future)
+                try:
+                    yield index, future.result()
+                except BrokenProcessPool as error:
+                    yield index, WorkerDied(f"a local worker process died: {error}")
 
 
 def import_ray():

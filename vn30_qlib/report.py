@@ -21,6 +21,9 @@ from vn30_qlib import store  # noqa: E402
 from vn30_qlib.metrics import daily_ic  # noqa: E402
 
 METRIC_COLUMNS = ["ic", "rank_ic", "mse", "mae", "hit_rate", "days", "degenerate"]
+UNITS_NOTE = ("IC, Rank IC and hit rate are against the raw return. MSE and MAE are in the units of the label each "
+              "model learnt (after its workflow's learn processors, e.g. a z-score): compare them within a model, "
+              "not across models.")
 
 
 def collect(store_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
@@ -43,6 +46,23 @@ def collect(store_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[di
                            "provider": meta["provider"], "data_span": meta["data_span"]})
     failures = [json.loads(p.read_text()) for p in sorted(root.glob("failures/*.json"))]
     return pd.DataFrame(rows), pd.DataFrame(pooled), failures
+
+
+def tuned_vs_default(comparison: pd.DataFrame, pooled: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, mode) that has a ``{model}_tuned`` twin (written by ``vn30-qlib tune``): the seed
+    default's and the tuned workflow's mean per-symbol Rank IC and, pooled, daily cross-sectional Rank IC."""
+    rows = []
+    cs = pooled.set_index("model")["cs_rank_ic"] if not pooled.empty else pd.Series(dtype=float)
+    for (model, mode), values in comparison.iterrows():
+        tuned = f"{model}_tuned"
+        if (tuned, mode) not in comparison.index:
+            continue
+        row = {"model": model, "mode": mode, "default mean Rank IC": values["mean_rank_ic"],
+               "tuned mean Rank IC": comparison.loc[(tuned, mode), "mean_rank_ic"]}
+        if mode == "pooled":
+            row |= {"default cs Rank IC": cs.get(model), "tuned cs Rank IC": cs.get(tuned)}
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _png(fig) -> bytes:
@@ -132,9 +152,12 @@ def build_report(store_root: str | Path, out_dir: str | Path) -> dict[str, Path]
         mean_mse=("mse", "mean"), hit_rate=("hit_rate", "mean"),
         degenerate=("degenerate", "sum"), symbols=("symbol", "nunique"))
     degenerate = metrics[metrics["degenerate"].astype(bool)][["symbol", "model", "mode", "version"]]
+    tuned = tuned_vs_default(comparison, pooled)
     sections = [
         ("Setup", "\n".join(f"- **{k}**: {v}" for k, v in header.items())),
-        ("Per-symbol vs pooled (mean over symbols, test segment)", comparison.to_html(float_format="%.4f")),
+        ("Per-symbol vs pooled (mean over symbols, test segment)",
+         comparison.to_html(float_format="%.4f") + f"<p>{UNITS_NOTE}</p>"),
+        ("Tuned vs seed defaults", tuned.to_html(index=False, float_format="%.4f") if len(tuned) else "no tuned workflow in the store"),
         ("Pooled models: daily cross-sectional IC", pooled.drop(columns=["provider", "data_span"], errors="ignore")
          .to_html(index=False, float_format="%.4f") if not pooled.empty else "none"),
         ("Time-series Rank IC by symbol and model (blank: degenerate)", table.to_html(float_format="%.4f", na_rep="")),
@@ -150,6 +173,8 @@ def build_report(store_root: str | Path, out_dir: str | Path) -> dict[str, Path]
                                      f"</title></head><body><h1>VN30 baseline report</h1>{body}</body></html>\n")
     markdown = ["# VN30 baseline report", "", *[f"- **{k}**: {v}" for k, v in header.items()], "",
                 "## Per-symbol vs pooled (mean over symbols, test segment)", "", _markdown(comparison.reset_index()), "",
+                UNITS_NOTE, "",
+                "## Tuned vs seed defaults", "", _markdown(tuned) if len(tuned) else "no tuned workflow in the store", "",
                 "## Pooled models: daily cross-sectional IC", "",
                 _markdown(pooled.drop(columns=["provider", "data_span"], errors="ignore")) if not pooled.empty else "none", "",
                 "## Time-series Rank IC by symbol and model (blank: degenerate)", "",

@@ -1,8 +1,10 @@
-"""The loop and the search through Ray (a local Ray instance started by the test) against the local executor."""
+"""Where fits run: the local process pool's scheduling, and the loop and the search through Ray (a local Ray
+instance started by the test) against the local executor."""
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -45,6 +47,20 @@ def two_models(tmp_path_factory) -> list[Path]:
     lstm = write_workflow(folder, "lstm_vn30.yaml", {"{{ LSTM_EPOCHS | default(100, true) }}": "2",
                                                       "hidden_size: 64": "hidden_size: 16"})
     return [lgb, lstm]
+
+
+def _timed_nap(seconds: float) -> tuple[float, float]:
+    start = time.monotonic()
+    time.sleep(seconds)
+    return start, time.monotonic()
+
+
+def test_local_pool_never_runs_two_exclusive_calls_at_once():
+    calls = [(1.5,), (1.5,), (0.2,), (0.2,), (0.2,)]
+    spans = dict(run_calls(_timed_nap, calls, jobs=2, exclusive=[0, 1]))
+    (start0, end0), (start1, end1) = spans[0], spans[1]
+    assert start1 >= end0 or start0 >= end1, "the two exclusive calls overlapped"
+    assert spans[2][0] < end0, "a non-exclusive call ran beside the first exclusive one"
 
 
 def _stored(store_root: Path) -> dict:
