@@ -122,6 +122,7 @@ def test_ray_search_records_every_trial(tmp_path, sim_provider):
     result = tune(workflow, sim_provider(0.1), tmp_path / "tuning", executor="ray", jobs=2)
     study = optuna.load_study(study_name="lgb_vn30", storage=f"sqlite:///{tmp_path / 'tuning' / 'optuna.db'}")
     assert len(study.trials) == 4 and all(t.state.is_finished() for t in study.trials)
+    assert len({t.params["num_leaves"] for t in study.trials}) > 1, "parallel trials must not all draw the same parameters"
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 1
     from mlflow.tracking import MlflowClient
 

@@ -72,7 +72,9 @@ def tune(workflow: str | Path, provider: str | Path, out_dir: str | Path = "tuni
     ``start``: parameters (inside the search space) evaluated as the first trial of a new study.
     ``executor``/``jobs``/``ray_address``: with ``local`` and one job the trials run here one after another
     (sharing the fold datasets); otherwise each trial is one task of `vn30_qlib.executors.run_calls`, run
-    against the same study storage (Optuna samples each new trial from the trials finished so far).
+    against the same study storage (Optuna samples each new trial from the trials finished so far, each call
+    with its own sampler seed; trials then finish in a machine-dependent order, so a parallel search is not
+    repeatable run to run, a sequential one is).
     """
     workflow, out_dir = Path(workflow).resolve(), Path(out_dir).resolve()
     provider = str(Path(provider).expanduser().resolve())
@@ -91,7 +93,8 @@ def tune(workflow: str | Path, provider: str | Path, out_dir: str | Path = "tuni
         from vn30_qlib.executors import WorkerDied, run_calls
 
         create_tracking_store(_tracking_uri(out_dir), CV_EXPERIMENT)
-        calls = [(workflow, provider, out_dir, 1)] * remaining
+        # each call samples with its own seed: one seed in every worker would draw the same parameters
+        calls = [(workflow, provider, out_dir, 1, space.get("seed", 0) + finished + i) for i in range(remaining)]
         for _, outcome in run_calls(run_trials, calls, executor, jobs, ray_address,
                                     readable=[provider, str(workflow)], writable=[str(out_dir)]):
             if isinstance(outcome, WorkerDied):  # Optuna's heartbeat marks that trial failed; the search goes on
@@ -106,26 +109,27 @@ def _tracking_uri(out_dir: Path) -> str:
     return f"sqlite:///{out_dir / 'mlruns.db'}"
 
 
-def _open_study(workflow: Path, out_dir: Path, space: dict) -> optuna.Study:
+def _open_study(workflow: Path, out_dir: Path, space: dict, seed: int | None = None) -> optuna.Study:
     # A heartbeat marks the trial of a killed search as failed once it has been silent for 10 s.
     storage = optuna.storages.RDBStorage(f"sqlite:///{out_dir / 'optuna.db'}", heartbeat_interval=5, grace_period=10)
     return optuna.create_study(
         study_name=workflow.stem, storage=storage, load_if_exists=True,
         direction="maximize" if space.get("objective", "rank_ic") in MAXIMISE else "minimize",
-        sampler=optuna.samplers.TPESampler(seed=space.get("seed", 0)),
+        sampler=optuna.samplers.TPESampler(seed=space.get("seed", 0) if seed is None else seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=space.get("pruner_startup_trials", 3)),
     )
 
 
-def run_trials(workflow: Path, provider: str, out_dir: Path, n_trials: int) -> int:
-    """Run ``n_trials`` trials of the stored study in this process (a worker's task); returns how many ran."""
+def run_trials(workflow: Path, provider: str, out_dir: Path, n_trials: int, seed: int | None = None) -> int:
+    """Run ``n_trials`` trials of the stored study in this process (a worker's task); returns how many ran.
+    ``seed``: the sampler's (default: the search space's)."""
     space = read_search_space(workflow)
     objective_key = space.get("objective", "rank_ic")
     tracking_uri = _tracking_uri(out_dir)
     init_qlib_for(provider, tracking_uri)
     task, folds = folds_for(workflow, provider, **space["folds"])
     task["model"].setdefault("kwargs", {})
-    study = _open_study(workflow, out_dir, space)
+    study = _open_study(workflow, out_dir, space, seed)
     datasets = _FOLD_DATASETS.setdefault(json.dumps(task["dataset"], sort_keys=True, default=str), {})
     study.optimize(lambda trial: _objective(trial, task, folds, space, objective_key, tracking_uri, workflow, datasets),
                    n_trials=n_trials)
