@@ -103,7 +103,7 @@ def _run_local(fn: Callable, calls: Sequence[tuple], jobs: int, exclusive: set[i
                     yield index, WorkerDied(f"a local worker process died: {error}")
 
 
-def import_ray():
+def _import_ray():
     try:
         import ray
     except ImportError as error:
@@ -113,7 +113,7 @@ def import_ray():
 
 def _run_ray(fn: Callable, calls: Sequence[tuple], jobs: int, address: str | None, max_retries: int,
              readable: Sequence[str], writable: Sequence[str]) -> Iterator[tuple[int, Any]]:
-    ray = import_ray()
+    ray = _import_ray()
     started_here = not ray.is_initialized()
     if started_here:
         if address:

@@ -9,6 +9,9 @@ symbol, model, mode and config hash, and one version in the model store (`vn30_q
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
+import gc
 import hashlib
 import json
 import platform
@@ -107,7 +110,7 @@ def _failure_path(store_root: Path, entry: LoopEntry) -> Path:
 def fit_entry(entry: LoopEntry, provider: str, store_root: str, force: bool = False,
               tracking_uri: str | None = None) -> dict:
     """Fit, evaluate and store one entry; never raises: a failure comes back with its error and traceback."""
-    from vn30_qlib.workflow_config import load_workflow  # here, not at the top: the loop's driver never needs qlib
+    from vn30_qlib.workflow_config import load_workflow  # imports qlib: only workers need it, not the driver
 
     store_root = Path(store_root)
     started = time.perf_counter()
@@ -128,16 +131,12 @@ def fit_entry(entry: LoopEntry, provider: str, store_root: str, force: bool = Fa
         return {**asdict(entry), "status": "failed", "error": f"{type(error).__name__}: {error}",
                 "traceback": traceback.format_exc(), "seconds": time.perf_counter() - started}
     finally:
-        release_freed_memory()
+        _release_freed_memory()
 
 
-def release_freed_memory() -> None:
+def _release_freed_memory() -> None:
     """Hand the memory a finished fit freed back to the system (glibc keeps freed heap pages otherwise: a
     worker that has run a TFT fit holds ~1.1 GB between fits, ~0.8 GB after this). No-op without glibc."""
-    import ctypes
-    import ctypes.util
-    import gc
-
     gc.collect()
     libc_name = ctypes.util.find_library("c")
     if libc_name:

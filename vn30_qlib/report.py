@@ -92,8 +92,7 @@ def _cumulative_ic_plot(pooled: pd.DataFrame, root: Path) -> bytes | None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for _, row in pooled.iterrows():
         pred = pd.read_pickle(root / row["version"] / "pred.pkl")
-        meta = store.read_metadata(root / row["version"])  # stores written before the key: the store's sqlite
-        client = MlflowClient(tracking_uri=meta.get("mlflow_tracking_uri", f"sqlite:///{root.resolve() / 'mlruns.db'}"))
+        client = MlflowClient(tracking_uri=store.read_metadata(root / row["version"])["mlflow_tracking_uri"])
         label = pd.read_pickle(client.download_artifacts(row["mlflow_run_id"], "label.pkl"))
         daily_ic(pred, label.iloc[:, 0] if isinstance(label, pd.DataFrame) else label).cumsum().plot(ax=ax, label=row["model"])
     ax.axhline(0, color="grey", lw=0.8)
