@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from qlib.data.dataset.handler import DataHandlerLP
-
-from handlers.vn30_alpha158 import DEFAULT_INFER_PROCESSORS, LABEL, VN30Alpha158
+from handlers.vn30_alpha158 import LABEL, VN30Alpha158
 
 # The K-bar shape of the day (where the close sits in the range) plus momentum, volatility, trend quality,
 # price-volume correlation and volume dynamics at short and month-long windows.
@@ -40,28 +38,11 @@ class VN30TFT(VN30Alpha158):
 
     def __init__(
         self,
-        instruments: str | list = "vn30",
-        start_time=None,
-        end_time=None,
-        fit_start_time=None,
-        fit_end_time=None,
         features: Sequence[str] | None = TFT_FEATURES,
         horizons: int = 1,
-        infer_processors: list = DEFAULT_INFER_PROCESSORS,
         learn_processors: list = TFT_LEARN_PROCESSORS,
-        process_type: str = DataHandlerLP.PTYPE_A,
         **kwargs,
     ):
-        super().__init__(
-            instruments=instruments,
-            start_time=start_time,
-            end_time=end_time,
-            fit_start_time=fit_start_time,
-            fit_end_time=fit_end_time,
-            features=None if features is None else list(features),
-            label=horizon_labels(horizons),
-            infer_processors=infer_processors,
-            learn_processors=learn_processors,
-            process_type=process_type,
-            **kwargs,
-        )
+        """``kwargs``: VN30Alpha158's (instruments, times, infer processors, ...), with its defaults."""
+        super().__init__(features=None if features is None else list(features), label=horizon_labels(horizons),
+                         learn_processors=learn_processors, **kwargs)

@@ -124,7 +124,7 @@ def fit_entry(entry: LoopEntry, provider: str, store_root: str, force: bool = Fa
         if current and not force and _same_fit(current, task_hash, fingerprint):
             return {**asdict(entry), "status": "skipped", "version": str(current)}
         version, stored = _fit_and_store(entry, task, task_hash, fingerprint, provider, target,
-                                         tracking_uri or _tracking_uri(store_root), force)
+                                         tracking_uri or sqlite_tracking_uri(store_root), force)
         return {**asdict(entry), "status": "done" if stored else "skipped", "version": str(version),
                 "seconds": time.perf_counter() - started}
     except Exception as error:  # one failing entry must not stop the loop
@@ -232,8 +232,9 @@ def _flat_numbers(metrics: dict) -> dict:
     return flat
 
 
-def _tracking_uri(store_root: Path) -> str:
-    return f"sqlite:///{store_root.resolve() / 'mlruns.db'}"
+def sqlite_tracking_uri(folder: Path) -> str:
+    """The mlflow store ``{folder}/mlruns.db`` (the loop's store root, the search's output folder)."""
+    return f"sqlite:///{folder.resolve() / 'mlruns.db'}"
 
 
 def create_tracking_store(tracking_uri: str, experiment: str = EXPERIMENT) -> None:
@@ -279,7 +280,7 @@ def run_loop(workflows: Sequence[str | Path], provider: str | Path, store_root: 
     store_root = Path(store_root).resolve()
     entries = plan(workflows, provider, symbols, modes)
     store_root.mkdir(parents=True, exist_ok=True)
-    tracking_uri = tracking_uri or _tracking_uri(store_root)
+    tracking_uri = tracking_uri or sqlite_tracking_uri(store_root)
     create_tracking_store(tracking_uri)
     calls = [(entry, provider, str(store_root), force, tracking_uri) for entry in entries]
     results: list[dict | None] = [None] * len(entries)

@@ -29,7 +29,7 @@ import optuna
 import yaml
 
 from vn30_qlib.cv import CV_EXPERIMENT, Fold, cross_validate, folds_for
-from vn30_qlib.loop import create_tracking_store, init_qlib_for
+from vn30_qlib.loop import create_tracking_store, init_qlib_for, sqlite_tracking_uri
 
 MAXIMISE = {"ic", "rank_ic"}
 
@@ -92,7 +92,7 @@ def tune(workflow: str | Path, provider: str | Path, out_dir: str | Path = "tuni
 
         from vn30_qlib.executors import WorkerDied, run_calls
 
-        create_tracking_store(_tracking_uri(out_dir), CV_EXPERIMENT)
+        create_tracking_store(sqlite_tracking_uri(out_dir), CV_EXPERIMENT)
         # each call samples with its own seed: one seed in every worker would draw the same parameters
         calls = [(workflow, provider, out_dir, 1, space.get("seed", 0) + finished + i) for i in range(remaining)]
         for _, outcome in run_calls(run_trials, calls, executor, jobs, ray_address,
@@ -103,10 +103,6 @@ def tune(workflow: str | Path, provider: str | Path, out_dir: str | Path = "tuni
     tuned = write_tuned_workflow(workflow, study.best_params)
     return {"best_value": study.best_value, "best_params": study.best_params, "tuned_workflow": tuned,
             "trials": len(study.trials)}
-
-
-def _tracking_uri(out_dir: Path) -> str:
-    return f"sqlite:///{out_dir / 'mlruns.db'}"
 
 
 def _open_study(workflow: Path, out_dir: Path, space: dict, seed: int | None = None) -> optuna.Study:
@@ -125,7 +121,7 @@ def run_trials(workflow: Path, provider: str, out_dir: Path, n_trials: int, seed
     ``seed``: the sampler's (default: the search space's)."""
     space = read_search_space(workflow)
     objective_key = space.get("objective", "rank_ic")
-    tracking_uri = _tracking_uri(out_dir)
+    tracking_uri = sqlite_tracking_uri(out_dir)
     init_qlib_for(provider, tracking_uri)
     task, folds = folds_for(workflow, provider, **space["folds"])
     task["model"].setdefault("kwargs", {})
