@@ -83,7 +83,7 @@ class CpuPickledModel:
     def __getstate__(self) -> dict:
         state = {**self.__dict__, "epoch_callback": None}
         if self.module is not None:
-            state["module"] = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+            state["module"] = _cpu_state(self.module)
         return state
 
     def __setstate__(self, state: dict) -> None:
