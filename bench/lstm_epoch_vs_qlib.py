@@ -4,7 +4,10 @@
 
 On one provider, with the features, hidden size, layers, step_len and batch size of
 `workflows/lstm_vn30.yaml`, trains (each in its own process, so peak memory is its own) our LSTM and Qlib's
-contrib LSTM for ``--epochs`` epochs, timing each epoch's training pass and its evaluation. Then runs
+contrib LSTM for ``--epochs`` epochs, timing each epoch's training pass and its evaluation. It also prints the
+floor of any implementation of this network on this CPU: the multiply-adds of one train pass (forward and
+backward of every LSTM layer, counted analytically) divided by the float32 matmul FLOP/s measured in the same
+process with the same threads. Then runs
 `qrun workflows/lstm_vn30.yaml` (default settings: up to 100 epochs, early stop 10) and
 `qrun workflows/lgb_vn30.yaml` end to end and reads their test IC / Rank IC from the recorder.
 Prints a Markdown report for BENCHMARKS.md.
@@ -49,6 +52,37 @@ def timed(function, into: list):
     return wrapper
 
 
+def matmul_flops(seconds: float = 3.0, n: int = 2048) -> float:
+    """Best float32 FLOP/s of an n x n matmul with torch's current threads."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def lstm_train_flops(rows: int, steps: int, d_feat: int, hidden: int, layers: int) -> float:
+    """FLOPs of one pass of ``rows`` windows through a stacked LSTM, forward and backward.
+
+    Per row, step and layer with input width ``i``: forward 2 * 4h(i + h) (gates from input and hidden state);
+    backward the weight gradients (the same again) plus the gradient to the previous hidden state 2 * 4h * h
+    and, above the first layer, to the layer's input 2 * 4h * i. The read-out and elementwise work are left out,
+    so the floor this gives is a lower bound.
+    """
+    total = 0.0
+    for layer in range(layers):
+        width = d_feat if layer == 0 else hidden
+        forward = 2 * 4 * hidden * (width + hidden)
+        backward = forward + 2 * 4 * hidden * hidden + (2 * 4 * hidden * width if layer > 0 else 0)
+        total += forward + backward
+    return total * rows * steps
+
+
 def pipeline_pass(batches) -> tuple[float, float]:
     """(wall s, CPU s) of one epoch of batches with no model: what the data pipeline alone costs."""
     start, cpu = time.perf_counter(), time.process_time()
@@ -91,6 +125,9 @@ def train_one(which: str, provider: str, epochs: int) -> dict:
         fit_s = time.perf_counter() - fit_start
         eval_s = eval_s[:len(train_s)]
         pred = model.predict(dataset)
+        floor = {"matmul_flops": matmul_flops(),
+                 "train_flops": lstm_train_flops(len(rows.positions), kwargs["step_len"], len(windows.columns),
+                                                kwargs["hidden_size"], kwargs["num_layers"])}
     else:
         from qlib.contrib.model.pytorch_lstm_ts import LSTM as QlibLSTM
         from torch.utils.data import DataLoader
@@ -113,12 +150,13 @@ def train_one(which: str, provider: str, epochs: int) -> dict:
         fit_s = time.perf_counter() - fit_start
         eval_s = [(a[0] + b[0], a[1] + b[1]) for a, b in zip(eval_s[0::2], eval_s[1::2])]
         pred = model.predict(dataset)
+        floor = {}
     label = dataset.handler.fetch(slice(*dataset.segments["test"]), col_set="label", data_key=DataHandlerLP.DK_R)
     label = label.iloc[:, 0]
     pred.index = pred.index.set_names(["datetime", "instrument"])
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"data_s": data_s, "fit_s": fit_s, "train_s": train_s, "eval_s": eval_s, "pipeline_s": pipeline,
-            "threads": torch.get_num_threads(), "peak_mb": peak_kb / 1024,
+            "threads": torch.get_num_threads(), "peak_mb": peak_kb / 1024, **floor,
             **signal_metrics(pd.Series(np.asarray(pred, dtype="float64"), index=pred.index), label)}
 
 
@@ -181,6 +219,12 @@ def main() -> None:
                  / (median(theirs, "train_s", kind) + median(theirs, "eval_s", kind)))
         pipe = ours["pipeline_s"][kind] / theirs["pipeline_s"][kind]
         print(f"\nours / theirs, {what} time: data pipeline {pipe:.3f}, train pass {train:.3f}, train + eval epoch {epoch:.3f}")
+    floor_s = ours["train_flops"] / ours["matmul_flops"]
+    theirs_epoch = median(theirs, "train_s", 1) + median(theirs, "eval_s", 1)
+    print(f"\nfloor of any implementation of this network here: {ours['train_flops'] / 1e9:.1f} GFLOP per train pass "
+          f"/ {ours['matmul_flops'] / 1e9:.1f} GFLOP/s matmul = {floor_s:.1f} s = {floor_s / theirs_epoch:.3f} x Qlib's "
+          f"epoch (CPU s); ours reaches {ours['train_flops'] / median(ours, 'train_s', 1) / ours['matmul_flops']:.0%} "
+          "of the matmul FLOP/s in its train pass")
     for name, row in (("ours", ours), ("theirs", theirs)):
         print(f"\n{name}: per-epoch train pass (wall, CPU) s {[(round(w, 1), round(c, 1)) for w, c in row['train_s']]}")
     if args.skip_qrun:

@@ -48,6 +48,10 @@ def test_per_symbol_mode_swaps_cross_sectional_label_norm(small_workflow, sim_pr
     assert handler["instruments"] == ["ACB"]
     assert [p["class"] for p in handler["learn_processors"]] == ["DropnaLabel", "ZScoreNorm"]
     assert adapt_task(task, "pooled", None) == task
+    # the TFT's handler inherits VN30Alpha158's per-day label z-score through **kwargs: swapped alike
+    tft = load_workflow(Path(__file__).parents[1] / "workflows" / "tft_vn30.yaml")["task"]
+    tft_handler = adapt_task(tft, "per_symbol", "ACB")["dataset"]["kwargs"]["handler"]["kwargs"]
+    assert [p["class"] for p in tft_handler["learn_processors"]] == ["DropnaLabel", "ZScoreNorm"]
 
 
 def test_loop_fills_the_store_and_records_the_failure(looped):

@@ -95,8 +95,11 @@ def _default_learn_processors(task: dict) -> list[dict]:
     import inspect
 
     handler_class, _ = get_callable_kwargs(task["dataset"]["kwargs"]["handler"])
-    default = inspect.signature(handler_class.__init__).parameters["learn_processors"].default
-    return copy.deepcopy(list(default))
+    for cls in handler_class.__mro__:  # a subclass may pass learn_processors through **kwargs to its parent
+        parameter = inspect.signature(cls.__init__).parameters.get("learn_processors")
+        if parameter is not None:
+            return copy.deepcopy(list(parameter.default))
+    raise ValueError(f"{handler_class.__name__} takes no learn_processors")
 
 
 def config_hash(task: dict) -> str:

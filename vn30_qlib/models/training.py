@@ -105,6 +105,7 @@ class LoopConfig:
     early_stop: int = 10            # epochs without improvement of the valid metric before stopping
     metric: str = "loss"            # "loss": lower valid loss is better; "ic": higher mean daily valid IC
     grad_clip: float | None = 3.0   # max gradient norm; None = no clipping
+    average_best: int = 1           # restore the mean of the weights of this many best epochs (1: the best one's)
     checkpoint_path: str | Path | None = None   # None = no checkpoint (and no resume)
     resume: bool = False            # continue from checkpoint_path if it exists
     on_epoch: Callable[[int, dict], None] | None = None   # called with each history row (a search prunes here)
@@ -122,7 +123,8 @@ def fit_epochs(
     point: Callable[[torch.Tensor], torch.Tensor] = lambda output: output.reshape(-1),
     point_label: Callable[[torch.Tensor], torch.Tensor] = lambda label: label.reshape(-1),
 ) -> list[dict]:
-    """Train ``module`` in place and leave it in its best epoch's state; return the per-epoch history.
+    """Train ``module`` in place and leave it in its best epoch's state (or the mean of the weights of the
+    ``config.average_best`` best epochs); return the per-epoch history.
 
     Each epoch: one pass over ``train_batches()``, then ``predict_valid()`` under ``no_grad`` in eval mode, the
     valid loss ``loss_fn(output, valid_label, valid_days)`` and the valid IC of ``point(output)`` (the point
@@ -133,9 +135,12 @@ def fit_epochs(
     """
     if config.metric not in ("loss", "ic"):
         raise ValueError(f"metric must be 'loss' or 'ic', got {config.metric!r}")
+    if config.average_best < 1:
+        raise ValueError(f"average_best must be >= 1, got {config.average_best}")
     logger = get_module_logger("fit_epochs")
     path = Path(config.checkpoint_path) if config.checkpoint_path is not None else None
-    state = {"epoch": -1, "best_epoch": -1, "best_score": -np.inf, "best_state": None, "history": []}
+    # best_states: (score, epoch, weights) of the average_best best epochs so far, best first
+    state = {"epoch": -1, "best_epoch": -1, "best_score": -np.inf, "best_states": [], "history": []}
     if config.resume and path is not None and path.is_file():
         state = _load_checkpoint(path, module, optimizer)
         logger.info(f"resumed from {path} after epoch {state['epoch']}")
@@ -157,7 +162,12 @@ def fit_epochs(
         score = -valid_loss if config.metric == "loss" else valid_ic
         improved = score > state["best_score"]
         if improved:
-            state.update(best_epoch=epoch, best_score=score, best_state=copy.deepcopy(_cpu_state(module)))
+            state.update(best_epoch=epoch, best_score=score)
+        best = state["best_states"]
+        if np.isfinite(score) and (len(best) < config.average_best or score > best[-1][0]):
+            best.append((score, epoch, copy.deepcopy(_cpu_state(module))))
+            best.sort(key=lambda kept: -kept[0])
+            del best[config.average_best:]
         state["epoch"] = epoch
         bar.set_postfix(train=f"{train_loss:.4f}", valid=f"{valid_loss:.4f}", ic=f"{valid_ic:.4f}")
         logger.info(f"epoch {epoch}: train loss {train_loss:.5f}, valid loss {valid_loss:.5f}, valid IC {valid_ic:.4f}"
@@ -167,9 +177,11 @@ def fit_epochs(
         if config.on_epoch is not None:
             config.on_epoch(epoch, row)
 
-    if state["best_state"] is not None:
-        module.load_state_dict(state["best_state"])
-        logger.info(f"restored epoch {state['best_epoch']} (best valid {config.metric})")
+    if state["best_states"]:
+        module.load_state_dict(_mean_state([weights for _, _, weights in state["best_states"]]))
+        epochs = [epoch for _, epoch, _ in state["best_states"]]
+        logger.info(f"restored {'the mean of epochs ' if len(epochs) > 1 else 'epoch '}"
+                    f"{', '.join(map(str, epochs))} (best valid {config.metric})")
     module.eval()
     return state["history"]
 
@@ -187,6 +199,12 @@ def _train_one_epoch(module, optimizer, batches: Iterable[Batch], loss_fn: LossF
         total += loss.item() * len(y)
         rows += len(y)
     return total / max(rows, 1)
+
+
+def _mean_state(states: list[dict]) -> dict:
+    """Element-wise mean of floating-point weights; other entries (counters) are taken from the first state."""
+    return {name: sum(state[name] for state in states) / len(states) if value.is_floating_point() else value
+            for name, value in states[0].items()}
 
 
 def _cpu_state(module: torch.nn.Module) -> dict:

@@ -1,0 +1,60 @@
+"""The shared epoch loop: which weights it leaves in the module after early stopping."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vn30_qlib.models.training import LoopConfig, fit_epochs
+
+
+def fit_linear(average_best: int, n_epochs: int = 8) -> tuple[torch.nn.Linear, list[dict], dict[int, dict]]:
+    """A noisy linear fit with a large learning rate, so the valid IC moves up and down across epochs.
+
+    Returns the module as the loop left it, the history and each epoch's weights (seen by ``on_epoch``)."""
+    torch.manual_seed(0)
+    x, valid_x = torch.randn(256, 4), torch.randn(64, 4)
+    w = torch.tensor([1.0, -0.5, 0.0, 0.0])
+    y, valid_y = x @ w + 2 * torch.randn(256), valid_x @ w + 2 * torch.randn(64)
+    valid_days = torch.arange(64) // 8   # 8 "days" of 8 rows
+    module = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.3)
+    weights: dict[int, dict] = {}
+
+    def batches():
+        order = torch.randperm(256)
+        return [(x[take], y[take], torch.zeros(len(take), dtype=torch.long)) for take in order.split(32)]
+
+    def keep(epoch: int, row: dict) -> None:
+        weights[epoch] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    config = LoopConfig(n_epochs=n_epochs, early_stop=n_epochs, metric="ic", average_best=average_best,
+                        on_epoch=keep)
+    history = fit_epochs(module, optimizer, batches, lambda: module(valid_x), valid_y, valid_days,
+                         lambda out, label, days: ((out.reshape(-1) - label) ** 2).mean(), config)
+    return module, history, weights
+
+
+def ranked_epochs(history: list[dict]) -> list[int]:
+    return [row["epoch"] for row in sorted(history, key=lambda row: -row["valid_ic"])]
+
+
+def test_restores_the_best_epoch_by_default():
+    module, history, weights = fit_linear(average_best=1)
+    best = ranked_epochs(history)[0]
+    assert best != history[-1]["epoch"], "the planted noise should make a middle epoch the best"
+    for name, value in module.state_dict().items():
+        torch.testing.assert_close(value, weights[best][name], rtol=0, atol=0)
+
+
+def test_average_best_restores_the_mean_of_the_best_epochs_weights():
+    module, history, weights = fit_linear(average_best=3)
+    top = ranked_epochs(history)[:3]
+    for name, value in module.state_dict().items():
+        expected = sum(weights[epoch][name] for epoch in top) / 3
+        torch.testing.assert_close(value, expected)
+        assert not torch.equal(value, weights[top[0]][name])
+
+
+def test_average_best_must_be_positive():
+    with pytest.raises(ValueError, match="average_best"):
+        fit_linear(average_best=0)
