@@ -52,6 +52,13 @@ def test_per_symbol_mode_swaps_cross_sectional_label_norm(small_workflow, sim_pr
     tft = load_workflow(Path(__file__).parents[1] / "workflows" / "tft_vn30.yaml")["task"]
     tft_handler = adapt_task(tft, "per_symbol", "ACB")["dataset"]["kwargs"]["handler"]["kwargs"]
     assert [p["class"] for p in tft_handler["learn_processors"]] == ["DropnaLabel", "ZScoreNorm"]
+    # and the daily-IC stopping / loss, undefined on one name a day, become the valid loss / MSE
+    assert tft["model"]["kwargs"]["metric"] == "ic"
+    assert adapt_task(tft, "per_symbol", "ACB")["model"]["kwargs"]["metric"] == "loss"
+    tuned = load_workflow(Path(__file__).parents[1] / "workflows" / "lstm_tuned_vn30.yaml")["task"]
+    assert tuned["model"]["kwargs"]["loss"] == "ic"
+    assert adapt_task(tuned, "per_symbol", "ACB")["model"]["kwargs"]["loss"] == "mse"
+    assert adapt_task(tuned, "pooled", None)["model"]["kwargs"]["loss"] == "ic"
 
 
 def test_loop_fills_the_store_and_records_the_failure(looped):

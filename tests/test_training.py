@@ -7,7 +7,8 @@ import torch
 from vn30_qlib.models.training import LoopConfig, fit_epochs
 
 
-def fit_linear(average_best: int, n_epochs: int = 8) -> tuple[torch.nn.Linear, list[dict], dict[int, dict]]:
+def fit_linear(average_best: int, n_epochs: int = 8,
+               names_per_day: int = 8) -> tuple[torch.nn.Linear, list[dict], dict[int, dict]]:
     """A noisy linear fit with a large learning rate, so the valid IC moves up and down across epochs.
 
     Returns the module as the loop left it, the history and each epoch's weights (seen by ``on_epoch``)."""
@@ -15,7 +16,7 @@ def fit_linear(average_best: int, n_epochs: int = 8) -> tuple[torch.nn.Linear, l
     x, valid_x = torch.randn(256, 4), torch.randn(64, 4)
     w = torch.tensor([1.0, -0.5, 0.0, 0.0])
     y, valid_y = x @ w + 2 * torch.randn(256), valid_x @ w + 2 * torch.randn(64)
-    valid_days = torch.arange(64) // 8   # 8 "days" of 8 rows
+    valid_days = torch.arange(64) // names_per_day
     module = torch.nn.Linear(4, 1)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.3)
     weights: dict[int, dict] = {}
@@ -58,3 +59,9 @@ def test_average_best_restores_the_mean_of_the_best_epochs_weights():
 def test_average_best_must_be_positive():
     with pytest.raises(ValueError, match="average_best"):
         fit_linear(average_best=0)
+
+
+def test_daily_ic_stopping_refuses_days_of_one_name():
+    """A one-symbol fit has no cross-section: its daily IC would be 0 every epoch, so stopping on it is refused."""
+    with pytest.raises(ValueError, match="no day here has two or more names"):
+        fit_linear(average_best=1, names_per_day=1)

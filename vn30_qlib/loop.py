@@ -1,8 +1,9 @@
 """The symbol loop: every (symbol, model) trained per symbol, plus one pooled model per workflow, resumably.
 
 It reads the same ``qrun`` workflow YAMLs (no second configuration system). Per-symbol mode restricts the
-handler to one instrument and replaces the per-day (cross-sectional) label z-score, meaningless on one
-instrument, by Qlib's time-series ``ZScoreNorm`` fitted on the train segment. Pooled mode fits the workflow
+handler to one instrument and replaces what is cross-sectional, meaningless on one instrument: the per-day
+label z-score by Qlib's time-series ``ZScoreNorm`` fitted on the train segment, and a model's daily-IC early
+stopping (``metric: ic``) or loss (``loss: ic``) by the valid loss and MSE. Pooled mode fits the workflow
 as is and evaluates it per symbol. Each fit is one Qlib recorder run (experiment ``vn30_loop``) tagged with
 symbol, model, mode and config hash, and one version in the model store (`vn30_qlib.store`).
 """
@@ -31,6 +32,8 @@ from vn30_qlib.metrics import cross_sectional_metrics, time_series_metrics
 
 EXPERIMENT = "vn30_loop"
 CROSS_SECTIONAL_LABEL_PROCESSORS = {"CSZScoreNorm", "CSRankNorm", "CrossSectionalZScore"}
+# model kwarg: (cross-sectional value, its per-symbol replacement)
+CROSS_SECTIONAL_MODEL_KWARGS = {"metric": ("ic", "loss"), "loss": ("ic", "mse")}
 PACKAGES = ("pyqlib", "torch", "lightgbm", "pandas", "numpy", "mlflow", "vn30-qlib")
 
 
@@ -87,6 +90,10 @@ def adapt_task(task: dict, mode: str, symbol: str | None) -> dict:
         {"class": "ZScoreNorm", "kwargs": {"fields_group": "label"}}
         if p.get("class") in CROSS_SECTIONAL_LABEL_PROCESSORS else p for p in learn
     ]
+    model = task["model"].setdefault("kwargs", {})
+    for key, (cross_sectional, replacement) in CROSS_SECTIONAL_MODEL_KWARGS.items():
+        if model.get(key) == cross_sectional:
+            model[key] = replacement
     return task
 
 

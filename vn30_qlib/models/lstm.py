@@ -20,7 +20,7 @@ from qlib.model.base import Model
 
 from vn30_qlib.cpu import cpu_threads
 from vn30_qlib.models.training import (
-    CpuPickledModel, LoopConfig, daily_ic, fit_epochs, pick_device, set_seed)
+    CpuPickledModel, LoopConfig, daily_ic, fit_epochs, pick_device, require_cross_sections, set_seed)
 from vn30_qlib.models.windows import SequenceWindows
 
 LOSSES = ("mse", "ic")
@@ -93,6 +93,8 @@ class LSTM(CpuPickledModel, Model):
         self.d_feat = len(windows.columns)
         train = _Rows(dataset, "train", windows, device)
         valid = _Rows(dataset, "valid", windows, device)
+        if self.loss == "ic":
+            require_cross_sections(train.days, "loss='ic'")
         self.module = self._build_module().to(device)
         optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr)
 

@@ -73,6 +73,14 @@ def daily_ic(pred: torch.Tensor, label: torch.Tensor, days: torch.Tensor) -> tor
     return (cov[valid] / torch.sqrt(var_p[valid] * var_y[valid])).mean()
 
 
+def require_cross_sections(days: torch.Tensor, what: str) -> None:
+    """The daily IC ranks names within a day: refuse rows where no day has two names (a one-symbol fit)."""
+    counts = torch.unique(days, return_counts=True)[1]
+    if not (counts >= 2).any():
+        raise ValueError(f"{what} is a cross-sectional daily IC, but no day here has two or more names (a "
+                         "one-symbol fit?): use metric='loss' / loss='mse'")
+
+
 class CpuPickledModel:
     """Mixin for the Qlib models that hold a torch ``module``: what the recorder pickles loads anywhere.
 
@@ -137,6 +145,8 @@ def fit_epochs(
         raise ValueError(f"metric must be 'loss' or 'ic', got {config.metric!r}")
     if config.average_best < 1:
         raise ValueError(f"average_best must be >= 1, got {config.average_best}")
+    if config.metric == "ic":
+        require_cross_sections(valid_days, "metric='ic'")
     logger = get_module_logger("fit_epochs")
     path = Path(config.checkpoint_path) if config.checkpoint_path is not None else None
     # best_states: (score, epoch, weights) of the average_best best epochs so far, best first
