@@ -343,9 +343,9 @@ class TFT(CpuPickledModel, Model):
     ``checkpoint_dir``/``resume``/``early_stop``/``metric``/``average_best``/``grad_clip``/``seed``/``device`` go
     to the shared loop (`vn30_qlib.models.training`); ``average_best``: the fitted weights are the mean of those
     of the ``average_best`` best epochs by the valid metric; on the real split, 5 gave a higher and steadier
-    test Rank IC over seeds than the single best epoch (BENCHMARKS.md). ``n_threads``: torch's CPU threads (0 = every core this process may
-    use); the TFT runs many small kernels, so on a CPU shared with other jobs 1 thread can be several times
-    faster than 2 (see BENCHMARKS.md).
+    test Rank IC over seeds than the single best epoch (BENCHMARKS.md). ``n_threads``: torch's CPU threads
+    (0 = every core this process may use); the TFT runs many small kernels, so on a CPU shared with other jobs
+    1 thread can be several times faster than 2 (see BENCHMARKS.md).
     """
 
     def __init__(
