@@ -149,15 +149,17 @@ def fit_epochs(
         require_cross_sections(valid_days, "metric='ic'")
     logger = get_module_logger("fit_epochs")
     path = Path(config.checkpoint_path) if config.checkpoint_path is not None else None
-    # best_states: (score, epoch, weights) of the average_best best epochs so far, best first
-    state = {"epoch": -1, "best_epoch": -1, "best_score": -np.inf, "best_states": [], "history": []}
+    # best_states: (score, epoch, weights) of the average_best best epochs so far, best first; the first one
+    # (the earliest on a tie) is the best epoch, which early stopping counts from
+    state = {"epoch": -1, "best_states": [], "history": []}
     if config.resume and path is not None and path.is_file():
         state = _load_checkpoint(path, module, optimizer)
         logger.info(f"resumed from {path} after epoch {state['epoch']}")
+    best = state["best_states"]
 
     bar = tqdm(range(state["epoch"] + 1, config.n_epochs), desc="epoch", disable=not sys.stderr.isatty())
     for epoch in bar:
-        if state["best_epoch"] >= 0 and epoch - state["best_epoch"] > config.early_stop:
+        if best and epoch - best[0][1] > config.early_stop:
             logger.info(f"early stop: no better valid {config.metric} for {config.early_stop} epochs")
             break
         train_loss = _train_one_epoch(module, optimizer, train_batches(), loss_fn, config.grad_clip)
@@ -170,14 +172,11 @@ def fit_epochs(
         state["history"].append(row)
         _log_metrics(epoch, row)
         score = -valid_loss if config.metric == "loss" else valid_ic
-        improved = score > state["best_score"]
-        if improved:
-            state.update(best_epoch=epoch, best_score=score)
-        best = state["best_states"]
         if np.isfinite(score) and (len(best) < config.average_best or score > best[-1][0]):
             best.append((score, epoch, copy.deepcopy(_cpu_state(module))))
-            best.sort(key=lambda kept: -kept[0])
+            best.sort(key=lambda kept: -kept[0])  # stable: an equal later score never goes first
             del best[config.average_best:]
+        improved = bool(best) and best[0][1] == epoch
         state["epoch"] = epoch
         bar.set_postfix(train=f"{train_loss:.4f}", valid=f"{valid_loss:.4f}", ic=f"{valid_ic:.4f}")
         logger.info(f"epoch {epoch}: train loss {train_loss:.5f}, valid loss {valid_loss:.5f}, valid IC {valid_ic:.4f}"
@@ -187,9 +186,9 @@ def fit_epochs(
         if config.on_epoch is not None:
             config.on_epoch(epoch, row)
 
-    if state["best_states"]:
-        module.load_state_dict(_mean_state([weights for _, _, weights in state["best_states"]]))
-        epochs = [epoch for _, epoch, _ in state["best_states"]]
+    if best:
+        module.load_state_dict(_mean_state([weights for _, _, weights in best]))
+        epochs = [epoch for _, epoch, _ in best]
         logger.info(f"restored {'the mean of epochs ' if len(epochs) > 1 else 'epoch '}"
                     f"{', '.join(map(str, epochs))} (best valid {config.metric})")
     module.eval()
