@@ -52,20 +52,6 @@ def timed(function, into: list):
     return wrapper
 
 
-def matmul_flops(seconds: float = 3.0, n: int = 2048) -> float:
-    """Best float32 FLOP/s of an n x n matmul with torch's current threads."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        start = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - start))
-    return best
-
-
 def lstm_train_flops(rows: int, steps: int, d_feat: int, hidden: int, layers: int) -> float:
     """FLOPs of one pass of ``rows`` windows through a stacked LSTM, forward and backward.
 
@@ -125,6 +111,8 @@ def train_one(which: str, provider: str, epochs: int) -> dict:
         fit_s = time.perf_counter() - fit_start
         eval_s = eval_s[:len(train_s)]
         pred = model.predict(dataset)
+        from matmul_peak import matmul_flops  # bench/ is on the path when a bench script runs
+
         floor = {"matmul_flops": matmul_flops(),
                  "train_flops": lstm_train_flops(len(rows.positions), kwargs["step_len"], len(windows.columns),
                                                 kwargs["hidden_size"], kwargs["num_layers"])}

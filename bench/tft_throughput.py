@@ -25,23 +25,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from matmul_peak import matmul_flops  # bench/ is on the path when a bench script runs
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 SEGMENTS = {"train": ("2015-10-05", "2021-12-31"), "valid": ("2022-01-01", "2022-12-31"),
             "test": ("2023-01-01", "2024-09-26")}
-
-
-def matmul_flops(seconds: float = 3.0, n: int = 2048) -> float:
-    """Best float32 FLOP/s of an n x n matmul on this machine (torch's threads)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        start = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - start))
-    return best
 
 
 def step_flops(model, panel, rows, batch_size: int) -> float:
