@@ -155,3 +155,41 @@ def test_two_workers_finishing_the_same_entry_store_it_once(two_models, sim_prov
     outcomes = [result for _, result in run_calls(fit_entry, calls, jobs=2)]
     assert sorted(r["status"] for r in outcomes) == ["done", "skipped"]
     assert [p.name for p in store.versions(tmp_path / "symbols" / "ACB" / "lgb")] == ["v0001"]
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter in /proc (``Z`` for a zombie), or None when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def _pool_workers(driver_pid: int) -> list[int]:
+    children = Path(f"/proc/{driver_pid}/task/{driver_pid}/children").read_text().split()
+    return [int(pid) for pid in children
+            if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            and b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux-only")
+def test_local_workers_die_with_a_killed_driver():
+    import signal
+    import subprocess
+
+    driver = subprocess.Popen([sys.executable, "-c", "import time\nfrom vn30_qlib.executors import run_calls\n"
+                               "list(run_calls(time.sleep, [(120,)], jobs=1))"])
+    try:
+        deadline, workers = time.monotonic() + 60, []
+        while not workers and time.monotonic() < deadline:
+            time.sleep(0.2)
+            workers = _pool_workers(driver.pid)
+        assert workers, "the driver started no pool worker within 60 s"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 10
+        while _process_state(workers[0]) not in (None, "Z") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _process_state(workers[0]) in (None, "Z"), "the pool worker outlived its killed driver"
+    finally:
+        driver.kill()

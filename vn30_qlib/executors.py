@@ -13,8 +13,11 @@ that raises is a bug, not a lost worker: its exception propagates, as it would i
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
@@ -24,6 +27,7 @@ from vn30_qlib.cpu import cpu_threads
 
 EXECUTORS = ("local", "ray")
 CHECK_TIMEOUT_S = 120
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class WorkerDied(RuntimeError):
@@ -65,10 +69,18 @@ def run_calls(fn: Callable, calls: Sequence[tuple], executor: str = "local", job
         raise ValueError(f"unknown executor {executor!r}: use one of {EXECUTORS}")
 
 
-def _start_local_worker(threads: int) -> None:
+def _start_local_worker(threads: int, parent_pid: int) -> None:
     """Give each worker its share of the cores: the torch models (``n_threads: 0``) and LightGBM
-    (``num_threads: 0``) read ``OMP_NUM_THREADS``; two workers on all cores each would wait on each other."""
+    (``num_threads: 0``) read ``OMP_NUM_THREADS``; two workers on all cores each would wait on each other.
+
+    On Linux the worker also dies with the loop that started it: a driver killed by a signal cannot shut its
+    pool down, and its workers would otherwise go on fitting, orphaned, holding cores and memory.
+    """
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the driver died before the line above took effect
+            os._exit(1)
 
 
 def _run_local(fn: Callable, calls: Sequence[tuple], jobs: int, exclusive: set[int]) -> Iterator[tuple[int, Any]]:
@@ -77,7 +89,7 @@ def _run_local(fn: Callable, calls: Sequence[tuple], jobs: int, exclusive: set[i
     threads = max(1, cpu_threads() // jobs)
     waiting, running = list(range(len(calls))), {}
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_start_local_worker,
-                             initargs=(threads,)) as pool:
+                             initargs=(threads, os.getpid())) as pool:
         while waiting or running:
             while waiting and len(running) < jobs:
                 exclusive_running = any(index in exclusive for index in running.values())
