@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import qlib
+import torch
 from qlib.data.dataset import DatasetH
 from qlib.data.dataset.handler import DataHandlerLP
 from qlib.utils import init_instance_by_config
@@ -119,6 +120,26 @@ def test_early_stopping_restores_the_best_epoch(planted):
     label = planted.prepare("valid", col_set="label", data_key=DataHandlerLP.DK_L).iloc[:, 0]
     restored_ic = daily_corr(model.predict(planted, "valid"), label, "pearson").mean()
     assert restored_ic == pytest.approx(history["valid_ic"].max(), abs=1e-5)
+
+
+def test_precision_bfloat16_runs_the_network_in_bf16_and_auto_follows_the_hardware(planted):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        LSTM(precision="fp16")
+    torch.manual_seed(0)
+    float32_net = lstm_module.LSTMNet(6, 8, 2, 0.0, False, bf16=False)
+    bf16_net = lstm_module.LSTMNet(6, 8, 2, 0.0, False, bf16=True)
+    bf16_net.load_state_dict(float32_net.state_dict())
+    x = torch.randn(256, 5, 6)
+    exact, rounded = float32_net(x), bf16_net(x)
+    assert rounded.dtype == torch.float32
+    assert not torch.equal(exact, rounded), "bf16 matmuls round: the outputs should differ a little"
+    torch.testing.assert_close(rounded, exact, rtol=0, atol=0.05)
+    chosen = {}
+    for precision in lstm_module.PRECISIONS:
+        model = LSTM(**SMALL, n_epochs=1, precision=precision)
+        model.fit(planted)
+        chosen[precision] = model.bf16
+    assert chosen == {"float32": False, "bfloat16": True, "auto": lstm_module.native_bf16(torch.device("cpu"))}
 
 
 def test_ic_loss_trains_on_whole_days(planted):

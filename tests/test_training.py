@@ -1,14 +1,28 @@
 """The shared epoch loop: which weights it leaves in the module after early stopping."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
 from vn30_qlib.models.training import LoopConfig, fit_epochs
 
 
-def fit_linear(average_best: int, n_epochs: int = 8,
-               names_per_day: int = 8) -> tuple[torch.nn.Linear, list[dict], dict[int, dict]]:
+class HalvedInput(NamedTuple):
+    """A batch input made of several tensors (as the TFT's is), split column-wise."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+
+class HalvesLinear(torch.nn.Linear):
+    def forward(self, x: HalvedInput) -> torch.Tensor:
+        return super().forward(torch.cat([x.left, x.right], 1))
+
+
+def fit_linear(average_best: int, n_epochs: int = 8, names_per_day: int = 8, chunk_rows: int | None = None,
+               halved_input: bool = False) -> tuple[torch.nn.Linear, list[dict], dict[int, dict]]:
     """A noisy linear fit with a large learning rate, so the valid IC moves up and down across epochs.
 
     Returns the module as the loop left it, the history and each epoch's weights (seen by ``on_epoch``)."""
@@ -17,20 +31,22 @@ def fit_linear(average_best: int, n_epochs: int = 8,
     w = torch.tensor([1.0, -0.5, 0.0, 0.0])
     y, valid_y = x @ w + 2 * torch.randn(256), valid_x @ w + 2 * torch.randn(64)
     valid_days = torch.arange(64) // names_per_day
-    module = torch.nn.Linear(4, 1)
+    module = HalvesLinear(4, 1) if halved_input else torch.nn.Linear(4, 1)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.3)
     weights: dict[int, dict] = {}
 
     def batches():
         order = torch.randperm(256)
-        return [(x[take], y[take], torch.zeros(len(take), dtype=torch.long)) for take in order.split(32)]
+        return [(HalvedInput(x[take, :2], x[take, 2:]) if halved_input else x[take], y[take],
+                 torch.zeros(len(take), dtype=torch.long)) for take in order.split(32)]
 
     def keep(epoch: int, row: dict) -> None:
         weights[epoch] = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     config = LoopConfig(n_epochs=n_epochs, early_stop=n_epochs, metric="ic", average_best=average_best,
-                        on_epoch=keep)
-    history = fit_epochs(module, optimizer, batches, lambda: module(valid_x), valid_y, valid_days,
+                        on_epoch=keep, chunk_rows=chunk_rows)
+    valid_input = HalvedInput(valid_x[:, :2], valid_x[:, 2:]) if halved_input else valid_x
+    history = fit_epochs(module, optimizer, batches, lambda: module(valid_input), valid_y, valid_days,
                          lambda out, label, days: ((out.reshape(-1) - label) ** 2).mean(), config)
     return module, history, weights
 
@@ -65,3 +81,15 @@ def test_daily_ic_stopping_refuses_days_of_one_name():
     """A one-symbol fit has no cross-section: its daily IC would be 0 every epoch, so stopping on it is refused."""
     with pytest.raises(ValueError, match="no day here has two or more names"):
         fit_linear(average_best=1, names_per_day=1)
+
+
+@pytest.mark.parametrize("halved_input", [False, True])
+def test_chunked_batches_train_exactly_as_whole_ones(halved_input):
+    """chunk_rows=5 (not a divisor of the batch of 32) runs each batch as 7 chunks: the same steps, weights and
+    losses as whole batches, for a tensor input and a NamedTuple of tensors."""
+    whole, whole_history, _ = fit_linear(average_best=1, halved_input=halved_input)
+    chunked, chunked_history, _ = fit_linear(average_best=1, chunk_rows=5, halved_input=halved_input)
+    for name, value in chunked.state_dict().items():
+        torch.testing.assert_close(value, whole.state_dict()[name])
+    for chunked_row, whole_row in zip(chunked_history, whole_history, strict=True):
+        assert chunked_row["train_loss"] == pytest.approx(whole_row["train_loss"], rel=1e-5)

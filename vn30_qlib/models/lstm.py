@@ -20,23 +20,28 @@ from qlib.model.base import Model
 
 from vn30_qlib.cpu import cpu_threads
 from vn30_qlib.models.training import (
-    CpuPickledModel, LoopConfig, daily_ic, fit_epochs, pick_device, require_cross_sections, set_seed)
+    CpuPickledModel, LoopConfig, daily_ic, fit_epochs, native_bf16, pick_device, require_cross_sections,
+    set_seed)
 from vn30_qlib.models.windows import SequenceWindows
 
 LOSSES = ("mse", "ic")
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 class LSTMNet(torch.nn.Module):
     """A stacked LSTM read at its last step, then a linear score."""
 
-    def __init__(self, d_feat: int, hidden_size: int, num_layers: int, dropout: float, bidirectional: bool):
+    def __init__(self, d_feat: int, hidden_size: int, num_layers: int, dropout: float, bidirectional: bool,
+                 bf16: bool = False):
         super().__init__()
+        self.bf16 = bf16
         self.rnn = torch.nn.LSTM(d_feat, hidden_size, num_layers, batch_first=True,
                                  dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional)
         self.out = torch.nn.Linear(hidden_size * (2 if bidirectional else 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.rnn(x)[0][:, -1]).squeeze(-1)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.out(self.rnn(x)[0][:, -1]).squeeze(-1).float()
 
 
 class LSTM(CpuPickledModel, Model):
@@ -46,7 +51,11 @@ class LSTM(CpuPickledModel, Model):
     batch; batches are then whole days). ``metric``: what early stopping watches on the valid segment, "loss"
     or "ic". ``checkpoint_dir``: where the per-epoch checkpoint goes (None: a temporary folder, removed after
     fit); ``resume=True`` continues from the checkpoint there. ``n_threads``: torch's CPU threads (0 = every core
-    this process may use; 1 is much faster on a CPU shared with other jobs).
+    this process may use; 1 is much faster on a CPU shared with other jobs). ``chunk_rows``: on a CPU, each
+    batch's forward and backward run this many rows at a time (the "mse" loss only), so the LSTM's activations
+    stay in cache; the gradient is the batch's (only the dropout draws differ). ``precision``: "float32",
+    "bfloat16" (autocast: bf16 matmuls, float32 weights and optimizer) or "auto" (bfloat16 where the device
+    multiplies it natively, see `native_bf16`); fit records its choice in ``bf16``.
     """
 
     def __init__(
@@ -69,16 +78,22 @@ class LSTM(CpuPickledModel, Model):
         checkpoint_dir: str | None = None,
         resume: bool = False,
         n_threads: int = 0,
+        chunk_rows: int | None = 128,
+        precision: str = "auto",
     ):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs a checkpoint_dir to resume from")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.d_feat, self.hidden_size, self.num_layers, self.dropout = d_feat, hidden_size, num_layers, dropout
         self.lr, self.batch_size, self.n_epochs, self.bidirectional = lr, batch_size, n_epochs, bidirectional
         self.step_len, self.loss, self.early_stop, self.metric = step_len, loss, early_stop, metric
         self.grad_clip, self.seed, self.device, self.resume = grad_clip, seed, device, resume
-        self.checkpoint_dir, self.n_threads = checkpoint_dir, n_threads
+        self.checkpoint_dir, self.n_threads, self.chunk_rows = checkpoint_dir, n_threads, chunk_rows
+        self.precision = precision
+        self.bf16 = False  # what fit chose from `precision` on its device; the pickle keeps it
         self.module: LSTMNet | None = None
         self.history: list[dict] = []
         self.epoch_callback = None  # set by `vn30-qlib tune` to prune by epoch; not a YAML key, never pickled
@@ -91,6 +106,7 @@ class LSTM(CpuPickledModel, Model):
         if self.d_feat is not None and self.d_feat != len(windows.columns):
             raise ValueError(f"d_feat={self.d_feat} but the handler gives {len(windows.columns)} features")
         self.d_feat = len(windows.columns)
+        self.bf16 = self.precision == "bfloat16" or (self.precision == "auto" and native_bf16(device))
         train = _Rows(dataset, "train", windows, device)
         valid = _Rows(dataset, "valid", windows, device)
         if self.loss == "ic":
@@ -109,7 +125,8 @@ class LSTM(CpuPickledModel, Model):
             folder = Path(self.checkpoint_dir).expanduser() if self.checkpoint_dir is not None else Path(tmp)
             config = LoopConfig(n_epochs=self.n_epochs, early_stop=self.early_stop, metric=self.metric,
                                 grad_clip=self.grad_clip, checkpoint_path=folder / "lstm.pt", resume=self.resume,
-                                on_epoch=self.epoch_callback)
+                                on_epoch=self.epoch_callback,
+                                chunk_rows=self.chunk_rows if self.loss == "mse" and device.type == "cpu" else None)
             self.history = fit_epochs(self.module, optimizer, train_batches, predict_valid, valid.label, valid.days,
                                       self._loss, config)
 
@@ -141,7 +158,7 @@ class LSTM(CpuPickledModel, Model):
         return torch.mean((output - label) ** 2)
 
     def _build_module(self) -> LSTMNet:
-        return LSTMNet(self.d_feat, self.hidden_size, self.num_layers, self.dropout, self.bidirectional)
+        return LSTMNet(self.d_feat, self.hidden_size, self.num_layers, self.dropout, self.bidirectional, self.bf16)
 
 
 class _Rows:

@@ -371,6 +371,7 @@ class TFT(CpuPickledModel, Model):
         checkpoint_dir: str | None = None,
         resume: bool = False,
         n_threads: int = 0,
+        chunk_rows: int | None = 256,
     ):
         quantiles = [float(q) for q in quantiles]
         if 0.5 not in quantiles or sorted(quantiles) != quantiles or not all(0 < q < 1 for q in quantiles):
@@ -386,6 +387,7 @@ class TFT(CpuPickledModel, Model):
         self.early_stop, self.metric, self.grad_clip, self.seed = early_stop, metric, grad_clip, seed
         self.average_best = average_best
         self.device, self.checkpoint_dir, self.resume, self.n_threads = device, checkpoint_dir, resume, n_threads
+        self.chunk_rows = chunk_rows
         self.module: TemporalFusionNetwork | None = None
         self.past_names: list[str] = []
         self.calendar_mean: pd.Series | None = None
@@ -428,7 +430,8 @@ class TFT(CpuPickledModel, Model):
             folder = Path(self.checkpoint_dir).expanduser() if self.checkpoint_dir is not None else Path(tmp)
             config = LoopConfig(n_epochs=self.n_epochs, early_stop=self.early_stop, metric=self.metric,
                                 average_best=self.average_best, grad_clip=self.grad_clip,
-                                checkpoint_path=folder / "tft.pt", resume=self.resume, on_epoch=self.epoch_callback)
+                                checkpoint_path=folder / "tft.pt", resume=self.resume, on_epoch=self.epoch_callback,
+                                chunk_rows=self.chunk_rows if device.type == "cpu" else None)
             self.history = fit_epochs(
                 self.module, optimizer, train_batches, lambda: self._forward(panel, valid, device)[0], valid_y,
                 valid_days_code, loss, config, point=lambda output: output[:, 0, median],

@@ -47,6 +47,14 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Does ``device`` multiply bfloat16 matrices in hardware (a CPU with AMX tiles, a CUDA GPU with bf16)?
+    There bf16 autocast makes the matmuls several times faster; elsewhere it would emulate them, slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_amx_tile_supported()
+
+
 def daily_ic(pred: torch.Tensor, label: torch.Tensor, days: torch.Tensor) -> torch.Tensor:
     """Mean over days of the cross-sectional Pearson correlation of ``pred`` and ``label`` (1-d, same rows).
 
@@ -114,6 +122,8 @@ class LoopConfig:
     metric: str = "loss"            # "loss": lower valid loss is better; "ic": higher mean daily valid IC
     grad_clip: float | None = 3.0   # max gradient norm; None = no clipping
     average_best: int = 1           # restore the mean of the weights of this many best epochs (1: the best one's)
+    chunk_rows: int | None = None   # forward/backward a batch this many rows at a time, for a loss that is a mean
+                                    # over rows: the same gradient, from activations that stay in the CPU's cache
     checkpoint_path: str | Path | None = None   # None = no checkpoint (and no resume)
     resume: bool = False            # continue from checkpoint_path if it exists
     on_epoch: Callable[[int, dict], None] | None = None   # called with each history row (a search prunes here)
@@ -162,7 +172,8 @@ def fit_epochs(
         if best and epoch - best[0][1] > config.early_stop:
             logger.info(f"early stop: no better valid {config.metric} for {config.early_stop} epochs")
             break
-        train_loss = _train_one_epoch(module, optimizer, train_batches(), loss_fn, config.grad_clip)
+        train_loss = _train_one_epoch(module, optimizer, train_batches(), loss_fn, config.grad_clip,
+                                      config.chunk_rows)
         module.eval()
         with torch.no_grad():
             output = predict_valid()
@@ -195,19 +206,36 @@ def fit_epochs(
     return state["history"]
 
 
-def _train_one_epoch(module, optimizer, batches: Iterable[Batch], loss_fn: LossFn, grad_clip: float | None) -> float:
+def _train_one_epoch(module, optimizer, batches: Iterable[Batch], loss_fn: LossFn, grad_clip: float | None,
+                     chunk_rows: int | None) -> float:
     module.train()
     total, rows = 0.0, 0
     for x, y, days in batches:
         optimizer.zero_grad()
-        loss = loss_fn(module(x), y, days)
-        loss.backward()
+        batch_loss = 0.0
+        for part in _chunks(len(y), chunk_rows):
+            loss = loss_fn(module(_take_rows(x, part)), y[part], days[part]) * ((part.stop - part.start) / len(y))
+            loss.backward()
+            batch_loss += loss.item()
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
         optimizer.step()
-        total += loss.item() * len(y)
+        total += batch_loss * len(y)
         rows += len(y)
     return total / max(rows, 1)
+
+
+def _chunks(rows: int, chunk_rows: int | None) -> list[slice]:
+    """``rows`` cut into consecutive slices of at most ``chunk_rows`` (one slice when None)."""
+    step = chunk_rows or max(rows, 1)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _take_rows(x, part: slice):
+    """The rows ``part`` of a batch input: a tensor, or a tuple / NamedTuple of tensors."""
+    if isinstance(x, torch.Tensor):
+        return x[part]
+    return type(x)(*(item[part] for item in x)) if hasattr(x, "_fields") else type(x)(item[part] for item in x)
 
 
 def _mean_state(states: list[dict]) -> dict:
