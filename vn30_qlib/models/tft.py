@@ -43,6 +43,7 @@ from vn30_qlib.models.tft_inputs import (  # noqa: E402
     validate_known_future,
 )
 from vn30_qlib.cpu import cpu_threads  # noqa: E402
+from vn30_qlib.models.dropout import Dropout  # noqa: E402
 from vn30_qlib.models.training import (  # noqa: E402
     CpuPickledModel, LoopConfig, fit_epochs, pick_device, set_seed)
 from vn30_qlib.models.windows import SequenceWindows  # noqa: E402
@@ -73,7 +74,7 @@ class GatedLinearUnit(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, dropout: float = 0.0, n_groups: int | None = None):
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.linear = _linear(input_size, 2 * output_size, n_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +201,7 @@ class InterpretableMultiHeadAttention(nn.Module):
         self.key = nn.Linear(hidden_size, num_heads * attention_size)
         self.value = nn.Linear(hidden_size, attention_size)
         self.out = nn.Linear(attention_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
