@@ -1,13 +1,14 @@
 """How fast is our LSTM's epoch against Qlib's `pytorch_lstm_ts.LSTM` + `TSDatasetH`, and how good are both?
 
-    python bench/lstm_epoch_vs_qlib.py --provider /tmp/vn30_real [--epochs 3]
+    python bench/lstm_epoch_vs_qlib.py --provider /tmp/vn30_real [--epochs 3] [--precision float32]
 
 On one provider, with the features, hidden size, layers, step_len and batch size of
 `workflows/lstm_vn30.yaml`, trains (each in its own process, so peak memory is its own) our LSTM and Qlib's
 contrib LSTM for ``--epochs`` epochs, timing each epoch's training pass and its evaluation. It also prints the
 floor of any implementation of this network on this CPU: the multiply-adds of one train pass (forward and
 backward of every LSTM layer, counted analytically) divided by the float32 matmul FLOP/s measured in the same
-process with the same threads. Then runs
+process with the same threads (our LSTM's ``precision: auto`` runs bfloat16 matmuls on a CPU with AMX, which
+that floor does not bound; ``--precision float32`` times it in float32). Then runs
 `qrun workflows/lstm_vn30.yaml` (default settings: up to 100 epochs, early stop 10) and
 `qrun workflows/lgb_vn30.yaml` end to end and reads their test IC / Rank IC from the recorder.
 Prints a Markdown report for BENCHMARKS.md.
@@ -77,8 +78,10 @@ def pipeline_pass(batches) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def train_one(which: str, provider: str, epochs: int) -> dict:
-    """Fit ``which`` ("ours" or "qlib") for ``epochs`` epochs in this process; times, memory and test metrics."""
+def train_one(which: str, provider: str, epochs: int, precision: str | None) -> dict:
+    """Fit ``which`` ("ours" or "qlib") for ``epochs`` epochs in this process; times, memory and test metrics.
+
+    ``precision``: our LSTM's, overriding the workflow's (Qlib's runs float32)."""
     import qlib
     import torch
     from qlib.data.dataset.handler import DataHandlerLP
@@ -98,7 +101,7 @@ def train_one(which: str, provider: str, epochs: int) -> dict:
         from vn30_qlib.models.lstm import LSTM
 
         dataset = init_instance_by_config(dataset_config)
-        model = LSTM(**{**kwargs, "n_epochs": epochs, "device": "cpu"})
+        model = LSTM(**{**kwargs, "n_epochs": epochs, "device": "cpu", "precision": precision or kwargs["precision"]})
         windows = model._windows(dataset)
         rows = lstm_module._Rows(dataset, "train", windows, torch.device("cpu"))
         pipeline = pipeline_pass((torch.from_numpy(windows.gather(rows.positions[batch])), rows.label[batch])
@@ -113,7 +116,7 @@ def train_one(which: str, provider: str, epochs: int) -> dict:
         pred = model.predict(dataset)
         from matmul_peak import matmul_flops  # bench/ is on the path when a bench script runs
 
-        floor = {"matmul_flops": matmul_flops(),
+        floor = {"bf16": model.bf16, "matmul_flops": matmul_flops(),
                  "train_flops": lstm_train_flops(len(rows.positions), kwargs["step_len"], len(windows.columns),
                                                 kwargs["hidden_size"], kwargs["num_layers"])}
     else:
@@ -174,17 +177,20 @@ def main() -> None:
     parser.add_argument("--one", choices=["ours", "qlib"], help=argparse.SUPPRESS)   # the child processes
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both models (OMP_NUM_THREADS)")
     parser.add_argument("--skip-qrun", action="store_true", help="only the head-to-head epoch timing")
+    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"],
+                        help="our LSTM's precision in the head-to-head (default: the workflow's)")
     args = parser.parse_args()
     provider = str(Path(args.provider).expanduser())
     if args.one:
-        print("RESULT " + json.dumps(train_one(args.one, provider, args.epochs)))
+        print("RESULT " + json.dumps(train_one(args.one, provider, args.epochs, args.precision)))
         return
 
     results = {}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}   # torch's (and our fit's) thread count
     for which in ("ours", "qlib"):
         out = subprocess.run([sys.executable, __file__, "--provider", provider, "--epochs", str(args.epochs),
-                              "--one", which], capture_output=True, text=True, check=True, env=env).stdout
+                              "--one", which, *(["--precision", args.precision] if args.precision else [])],
+                             capture_output=True, text=True, check=True, env=env).stdout
         results[which] = json.loads(out.split("RESULT ", 1)[1])
         print(which, results[which], file=sys.stderr)
     ours, theirs = results["ours"], results["qlib"]
@@ -192,7 +198,9 @@ def main() -> None:
     def median(row: dict, key: str, kind: int) -> float:
         return float(np.median([times[kind] for times in row[key]]))
 
-    print(f"### Epoch time: {args.epochs} epochs each, {args.threads} torch thread(s), one process per model\n")
+    print(f"### Epoch time: {args.epochs} epochs each, {args.threads} torch thread(s), one process per model; ours "
+          f"in {'bfloat16' if ours['bf16'] else 'float32'} (precision {args.precision or 'as in the workflow'}), "
+          "Qlib's in float32\n")
     print("| model | data pipeline alone, wall / CPU s | train pass, wall / CPU s | eval per epoch, wall / CPU s "
           "| peak RSS MiB | test IC | ICIR | Rank IC | Rank ICIR |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -211,8 +219,9 @@ def main() -> None:
     theirs_epoch = median(theirs, "train_s", 1) + median(theirs, "eval_s", 1)
     print(f"\nfloor of any implementation of this network here: {ours['train_flops'] / 1e9:.1f} GFLOP per train pass "
           f"/ {ours['matmul_flops'] / 1e9:.1f} GFLOP/s matmul = {floor_s:.1f} s = {floor_s / theirs_epoch:.3f} x Qlib's "
-          f"epoch (CPU s); ours reaches {ours['train_flops'] / median(ours, 'train_s', 1) / ours['matmul_flops']:.0%} "
-          "of the matmul FLOP/s in its train pass")
+          f"epoch (CPU s), {floor_s / median(theirs, 'train_s', 1):.3f} x its train pass; ours does "
+          f"{ours['train_flops'] / median(ours, 'train_s', 1) / ours['matmul_flops']:.0%} of the float32 matmul FLOP/s "
+          "in its train pass" + (" (in bfloat16 matmuls, which this float32 floor does not bound)" if ours["bf16"] else ""))
     for name, row in (("ours", ours), ("theirs", theirs)):
         print(f"\n{name}: per-epoch train pass (wall, CPU) s {[(round(w, 1), round(c, 1)) for w, c in row['train_s']]}")
     if args.skip_qrun:

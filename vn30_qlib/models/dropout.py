@@ -33,8 +33,9 @@ class Dropout(torch.nn.Module):
         threshold = round(self.p * LEVELS)
         seed = int(torch.randint(0, 2**63 - 1, ()))
         bits = np.random.default_rng(seed).integers(0, LEVELS, size=x.shape, dtype=np.uint16)
-        keep = torch.from_numpy(bits >= threshold)
-        return x * keep * (LEVELS / (LEVELS - threshold))
+        # one float mask holding the scale: multiplying by a bool mask and then a scalar costs 3x more (fwd + bwd)
+        mask = torch.from_numpy(bits >= threshold).to(x.dtype).mul_(LEVELS / (LEVELS - threshold))
+        return x * mask
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
