@@ -72,9 +72,11 @@ def test_average_best_restores_the_mean_of_the_best_epochs_weights():
         assert not torch.equal(value, weights[top[0]][name])
 
 
-def test_average_best_must_be_positive():
+def test_average_best_and_chunk_rows_must_be_positive():
     with pytest.raises(ValueError, match="average_best"):
         fit_linear(average_best=0)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        fit_linear(average_best=1, chunk_rows=0)
 
 
 def test_daily_ic_stopping_refuses_days_of_one_name():
