@@ -142,6 +142,23 @@ def test_precision_bfloat16_runs_the_network_in_bf16_and_auto_follows_the_hardwa
     assert chosen == {"float32": False, "bfloat16": True, "auto": lstm_module.native_bf16(torch.device("cpu"))}
 
 
+def test_padded_feature_weights_never_act_and_never_learn():
+    """The first layer's input is padded with zeros to a multiple of 8 (6 features -> 8): the weights of the two
+    padded inputs change nothing and get no gradient."""
+    torch.manual_seed(0)
+    net = lstm_module.LSTMNet(6, 8, 2, 0.0, False)
+    weights = net.layers[0].weight_ih_l0
+    assert weights.shape[1] == 8
+    x = torch.randn(32, 5, 6)
+    before = net(x)
+    with torch.no_grad():
+        weights[:, 6:] = torch.randn(weights.shape[0], 2)
+    after = net(x)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    after.sum().backward()
+    assert torch.all(weights.grad[:, 6:] == 0) and torch.any(weights.grad[:, :6] != 0)
+
+
 def test_ic_loss_trains_on_whole_days(planted):
     model = LSTM(**SMALL, n_epochs=2, loss="ic")
     model.fit(planted)
