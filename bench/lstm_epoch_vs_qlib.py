@@ -116,7 +116,7 @@ def train_one(which: str, provider: str, epochs: int, precision: str | None) -> 
         pred = model.predict(dataset)
         from matmul_peak import matmul_flops  # bench/ is on the path when a bench script runs
 
-        floor = {"bf16": model.bf16, "matmul_flops": matmul_flops(),
+        ours_only = {"bf16": model.bf16, "matmul_flops": matmul_flops(),
                  "train_flops": lstm_train_flops(len(rows.positions), kwargs["step_len"], len(windows.columns),
                                                 kwargs["hidden_size"], kwargs["num_layers"])}
     else:
@@ -141,13 +141,13 @@ def train_one(which: str, provider: str, epochs: int, precision: str | None) -> 
         fit_s = time.perf_counter() - fit_start
         eval_s = [(a[0] + b[0], a[1] + b[1]) for a, b in zip(eval_s[0::2], eval_s[1::2])]
         pred = model.predict(dataset)
-        floor = {}
+        ours_only = {}
     label = dataset.handler.fetch(slice(*dataset.segments["test"]), col_set="label", data_key=DataHandlerLP.DK_R)
     label = label.iloc[:, 0]
     pred.index = pred.index.set_names(["datetime", "instrument"])
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"data_s": data_s, "fit_s": fit_s, "train_s": train_s, "eval_s": eval_s, "pipeline_s": pipeline,
-            "threads": torch.get_num_threads(), "peak_mb": peak_kb / 1024, **floor,
+            "threads": torch.get_num_threads(), "peak_mb": peak_kb / 1024, **ours_only,
             **signal_metrics(pd.Series(np.asarray(pred, dtype="float64"), index=pred.index), label)}
 
 

@@ -434,7 +434,7 @@ class TFT(CpuPickledModel, Model):
             config = LoopConfig(n_epochs=self.n_epochs, early_stop=self.early_stop, metric=self.metric,
                                 average_best=self.average_best, grad_clip=self.grad_clip,
                                 checkpoint_path=folder / "tft.pt", resume=self.resume, on_epoch=self.epoch_callback,
-                                chunk_rows=self.chunk_rows if device.type == "cpu" else None)
+                                chunk_rows=self.chunk_rows)
             self.history = fit_epochs(
                 self.module, optimizer, train_batches, lambda: self._forward(panel, valid, device)[0], valid_y,
                 valid_days_code, loss, config, point=lambda output: output[:, 0, median],

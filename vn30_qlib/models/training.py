@@ -121,8 +121,8 @@ class LoopConfig:
     metric: str = "loss"            # "loss": lower valid loss is better; "ic": higher mean daily valid IC
     grad_clip: float | None = 3.0   # max gradient norm; None = no clipping
     average_best: int = 1           # restore the mean of the weights of this many best epochs (1: the best one's)
-    chunk_rows: int | None = None   # forward/backward a batch this many rows at a time, for a loss that is a mean
-                                    # over rows: the same gradient, from activations that stay in the CPU's cache
+    chunk_rows: int | None = None   # on CPU, forward/backward a batch this many rows at a time, for a loss that is
+                                    # a mean over rows: the same gradient, from activations that stay in cache
     checkpoint_path: str | Path | None = None   # None = no checkpoint (and no resume)
     resume: bool = False            # continue from checkpoint_path if it exists
     on_epoch: Callable[[int, dict], None] | None = None   # called with each history row (a search prunes here)
@@ -167,14 +167,15 @@ def fit_epochs(
         state = _load_checkpoint(path, module, optimizer)
         logger.info(f"resumed from {path} after epoch {state['epoch']}")
     best = state["best_states"]
+    # a GPU wants whole batches and has no such cache: chunks only on CPU
+    chunk_rows = config.chunk_rows if next(module.parameters()).device.type == "cpu" else None
 
     bar = tqdm(range(state["epoch"] + 1, config.n_epochs), desc="epoch", disable=not sys.stderr.isatty())
     for epoch in bar:
         if best and epoch - best[0][1] > config.early_stop:
             logger.info(f"early stop: no better valid {config.metric} for {config.early_stop} epochs")
             break
-        train_loss = _train_one_epoch(module, optimizer, train_batches(), loss_fn, config.grad_clip,
-                                      config.chunk_rows)
+        train_loss = _train_one_epoch(module, optimizer, train_batches(), loss_fn, config.grad_clip, chunk_rows)
         module.eval()
         with torch.no_grad():
             output = predict_valid()
@@ -233,10 +234,8 @@ def _chunks(rows: int, chunk_rows: int | None) -> list[slice]:
 
 
 def _take_rows(x, part: slice):
-    """The rows ``part`` of a batch input: a tensor, or a tuple / NamedTuple of tensors."""
-    if isinstance(x, torch.Tensor):
-        return x[part]
-    return type(x)(*(item[part] for item in x)) if hasattr(x, "_fields") else type(x)(item[part] for item in x)
+    """The rows ``part`` of a batch input: a tensor, or a NamedTuple of tensors (the TFT's `TFTBatch`)."""
+    return x[part] if isinstance(x, torch.Tensor) else type(x)(*(item[part] for item in x))
 
 
 def _mean_state(states: list[dict]) -> dict:
