@@ -1,10 +1,12 @@
 """How fast is our LSTM's epoch against Qlib's `pytorch_lstm_ts.LSTM` + `TSDatasetH`, and how good are both?
 
-    python bench/lstm_epoch_vs_qlib.py --provider /tmp/vn30_real [--epochs 3] [--precision float32]
+    python bench/lstm_epoch_vs_qlib.py --provider /tmp/vn30_real [--epochs 5] [--pairs 3] [--precision float32]
 
 On one provider, with the features, hidden size, layers, step_len and batch size of
 `workflows/lstm_vn30.yaml`, trains (each in its own process, so peak memory is its own) our LSTM and Qlib's
-contrib LSTM for ``--epochs`` epochs, timing each epoch's training pass and its evaluation. It also prints the
+contrib LSTM for ``--epochs`` epochs, timing each epoch's training pass and its evaluation. It does so
+``--pairs`` times, alternating which goes first, and reports each pair's ratio and their median: on a shared
+machine whose speed drifts by a third within minutes, one pair's ratio is one draw. It also prints the
 floor of any implementation of this network on this CPU: the multiply-adds of one train pass (forward and
 backward of every LSTM layer, counted analytically) divided by the float32 matmul FLOP/s measured in the same
 process with the same threads (our LSTM's ``precision: auto`` runs bfloat16 matmuls on a CPU with AMX, which
@@ -151,6 +153,50 @@ def train_one(which: str, provider: str, epochs: int, precision: str | None) -> 
             **signal_metrics(pd.Series(np.asarray(pred, dtype="float64"), index=pred.index), label)}
 
 
+def median(row: dict, key: str, kind: int) -> float:
+    return float(np.median([times[kind] for times in row[key]]))
+
+
+def mean(row: dict, key: str, kind: int) -> float:
+    return float(np.mean([times[kind] for times in row[key]]))
+
+
+def report_pair(ours: dict, theirs: dict) -> tuple[float, float]:
+    """Print one pair's Markdown table and ratios; return its (train pass, train + eval epoch) CPU-time ratios."""
+    print("| model | data pipeline alone, wall / CPU s | train pass, wall / CPU s | eval per epoch, wall / CPU s "
+          "| peak RSS MiB | test IC | ICIR | Rank IC | Rank ICIR |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, row in (("ours (vn30_qlib.models.lstm)", ours), ("Qlib pytorch_lstm_ts + TSDatasetH", theirs)):
+        print(f"| {name} | {row['pipeline_s'][0]:.2f} / {row['pipeline_s'][1]:.2f} | "
+              f"{median(row, 'train_s', 0):.1f} / {median(row, 'train_s', 1):.1f} | "
+              f"{median(row, 'eval_s', 0):.1f} / {median(row, 'eval_s', 1):.1f} | {row['peak_mb']:.0f} | "
+              + " | ".join(f"{row[k]:.4f}" for k in METRICS) + " |")
+    for kind, what in ((0, "wall"), (1, "CPU")):
+        train = median(ours, "train_s", kind) / median(theirs, "train_s", kind)
+        epoch = ((median(ours, "train_s", kind) + median(ours, "eval_s", kind))
+                 / (median(theirs, "train_s", kind) + median(theirs, "eval_s", kind)))
+        pipe = ours["pipeline_s"][kind] / theirs["pipeline_s"][kind]
+        print(f"\nours / theirs, {what} time (medians over the epochs): data pipeline {pipe:.3f}, train pass "
+              f"{train:.3f}, train + eval epoch {epoch:.3f}")
+    epoch_by_means = ((mean(ours, "train_s", 1) + mean(ours, "eval_s", 1))
+                      / (mean(theirs, "train_s", 1) + mean(theirs, "eval_s", 1)))
+    print(f"\nwith means over the epochs (the first, warm-up epoch counted): train pass "
+          f"{mean(ours, 'train_s', 1) / mean(theirs, 'train_s', 1):.3f}, train + eval epoch {epoch_by_means:.3f} (CPU)")
+    floor_s = ours["train_flops"] / ours["matmul_flops"]
+    theirs_epoch = median(theirs, "train_s", 1) + median(theirs, "eval_s", 1)
+    print(f"\nfloor of any implementation of this network here: {ours['train_flops'] / 1e9:.1f} GFLOP per train pass "
+          f"/ {ours['matmul_flops'] / 1e9:.1f} GFLOP/s matmul = {floor_s:.1f} s = {floor_s / theirs_epoch:.3f} x Qlib's "
+          f"epoch (CPU s), {floor_s / median(theirs, 'train_s', 1):.3f} x its train pass; ours does "
+          f"{ours['train_flops'] / median(ours, 'train_s', 1) / ours['matmul_flops']:.0%} of the float32 matmul FLOP/s "
+          "in its train pass" + (" (in bfloat16 matmuls, which this float32 floor does not bound)" if ours["bf16"] else ""))
+    for name, row in (("ours", ours), ("theirs", theirs)):
+        print(f"\n{name}: per-epoch train pass (wall, CPU) s {[(round(w, 1), round(c, 1)) for w, c in row['train_s']]}")
+    print()
+    return (median(ours, "train_s", 1) / median(theirs, "train_s", 1),
+            (median(ours, "train_s", 1) + median(ours, "eval_s", 1))
+            / (median(theirs, "train_s", 1) + median(theirs, "eval_s", 1)))
+
+
 def run_qrun(workflow: Path, provider: str, workdir: str, experiment: str) -> dict:
     """Time ``qrun workflow`` in a subprocess, then read its recorder's metrics."""
     env = {**os.environ, "VN30_PROVIDER": provider, "VN30_EXPERIMENT": experiment}
@@ -173,9 +219,11 @@ def run_qrun(workflow: Path, provider: str, workdir: str, experiment: str) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--provider", required=True)
-    parser.add_argument("--epochs", type=int, default=3, help="epochs for the timed head-to-head (Qlib's is slow)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs for the timed head-to-head (Qlib's is slow)")
     parser.add_argument("--one", choices=["ours", "qlib"], help=argparse.SUPPRESS)   # the child processes
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both models (OMP_NUM_THREADS)")
+    parser.add_argument("--pairs", type=int, default=3,
+                        help="timed head-to-heads, one after the other, alternating which model goes first")
     parser.add_argument("--skip-qrun", action="store_true", help="only the head-to-head epoch timing")
     parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"],
                         help="our LSTM's precision in the head-to-head (default: the workflow's)")
@@ -185,45 +233,27 @@ def main() -> None:
         print("RESULT " + json.dumps(train_one(args.one, provider, args.epochs, args.precision)))
         return
 
-    results = {}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}   # torch's (and our fit's) thread count
-    for which in ("ours", "qlib"):
-        out = subprocess.run([sys.executable, __file__, "--provider", provider, "--epochs", str(args.epochs),
-                              "--one", which, *(["--precision", args.precision] if args.precision else [])],
-                             capture_output=True, text=True, check=True, env=env).stdout
-        results[which] = json.loads(out.split("RESULT ", 1)[1])
-        print(which, results[which], file=sys.stderr)
-    ours, theirs = results["ours"], results["qlib"]
-
-    def median(row: dict, key: str, kind: int) -> float:
-        return float(np.median([times[kind] for times in row[key]]))
-
-    print(f"### Epoch time: {args.epochs} epochs each, {args.threads} torch thread(s), one process per model; ours "
-          f"in {'bfloat16' if ours['bf16'] else 'float32'} (precision {args.precision or 'as in the workflow'}), "
-          "Qlib's in float32\n")
-    print("| model | data pipeline alone, wall / CPU s | train pass, wall / CPU s | eval per epoch, wall / CPU s "
-          "| peak RSS MiB | test IC | ICIR | Rank IC | Rank ICIR |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, row in (("ours (vn30_qlib.models.lstm)", ours), ("Qlib pytorch_lstm_ts + TSDatasetH", theirs)):
-        print(f"| {name} | {row['pipeline_s'][0]:.2f} / {row['pipeline_s'][1]:.2f} | "
-              f"{median(row, 'train_s', 0):.1f} / {median(row, 'train_s', 1):.1f} | "
-              f"{median(row, 'eval_s', 0):.1f} / {median(row, 'eval_s', 1):.1f} | {row['peak_mb']:.0f} | "
-              + " | ".join(f"{row[k]:.4f}" for k in METRICS) + " |")
-    for kind, what in ((0, "wall"), (1, "CPU")):
-        train = median(ours, "train_s", kind) / median(theirs, "train_s", kind)
-        epoch = ((median(ours, "train_s", kind) + median(ours, "eval_s", kind))
-                 / (median(theirs, "train_s", kind) + median(theirs, "eval_s", kind)))
-        pipe = ours["pipeline_s"][kind] / theirs["pipeline_s"][kind]
-        print(f"\nours / theirs, {what} time: data pipeline {pipe:.3f}, train pass {train:.3f}, train + eval epoch {epoch:.3f}")
-    floor_s = ours["train_flops"] / ours["matmul_flops"]
-    theirs_epoch = median(theirs, "train_s", 1) + median(theirs, "eval_s", 1)
-    print(f"\nfloor of any implementation of this network here: {ours['train_flops'] / 1e9:.1f} GFLOP per train pass "
-          f"/ {ours['matmul_flops'] / 1e9:.1f} GFLOP/s matmul = {floor_s:.1f} s = {floor_s / theirs_epoch:.3f} x Qlib's "
-          f"epoch (CPU s), {floor_s / median(theirs, 'train_s', 1):.3f} x its train pass; ours does "
-          f"{ours['train_flops'] / median(ours, 'train_s', 1) / ours['matmul_flops']:.0%} of the float32 matmul FLOP/s "
-          "in its train pass" + (" (in bfloat16 matmuls, which this float32 floor does not bound)" if ours["bf16"] else ""))
-    for name, row in (("ours", ours), ("theirs", theirs)):
-        print(f"\n{name}: per-epoch train pass (wall, CPU) s {[(round(w, 1), round(c, 1)) for w, c in row['train_s']]}")
+    ratios = []
+    for pair in range(args.pairs):
+        results = {}
+        # alternate who goes first, so a drift in the shared machine's speed does not always favour one side
+        order = ("ours", "qlib") if pair % 2 == 0 else ("qlib", "ours")
+        first = "ours" if order[0] == "ours" else "Qlib's"
+        for which in order:
+            out = subprocess.run([sys.executable, __file__, "--provider", provider, "--epochs", str(args.epochs),
+                                  "--one", which, *(["--precision", args.precision] if args.precision else [])],
+                                 capture_output=True, text=True, check=True, env=env).stdout
+            results[which] = json.loads(out.split("RESULT ", 1)[1])
+            print(which, results[which], file=sys.stderr)
+        print(f"### Pair {pair + 1} of {args.pairs}: {args.epochs} epochs each, {args.threads} torch thread(s), one "
+              f"process per model, {first} first; ours in "
+              f"{'bfloat16' if results['ours']['bf16'] else 'float32'} (precision "
+              f"{args.precision or 'as in the workflow'}), Qlib's in float32\n")
+        ratios.append(report_pair(results["ours"], results["qlib"]))
+    train, epoch = (float(np.median([r[k] for r in ratios])) for k in (0, 1))
+    print(f"\n**Median over the {args.pairs} pairs, CPU time: train pass {train:.3f}, train + eval epoch {epoch:.3f}** "
+          f"(per pair: {', '.join(f'{t:.3f} / {e:.3f}' for t, e in ratios)})\n")
     if args.skip_qrun:
         return
     with tempfile.TemporaryDirectory() as tmp:

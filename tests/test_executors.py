@@ -3,6 +3,8 @@ instance started by the test) against the local executor."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -174,9 +176,6 @@ def _pool_workers(driver_pid: int) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux-only")
 def test_local_workers_die_with_a_killed_driver():
-    import signal
-    import subprocess
-
     driver = subprocess.Popen([sys.executable, "-c", "import time\nfrom vn30_qlib.executors import run_calls\n"
                                "list(run_calls(time.sleep, [(120,)], jobs=1))"])
     try:
