@@ -12,7 +12,9 @@ backward of every LSTM layer, counted analytically) divided by the float32 matmu
 process with the same threads (our LSTM's ``precision: auto`` runs bfloat16 matmuls on a CPU with AMX, which
 that floor does not bound; ``--precision float32`` times it in float32). Then runs
 `qrun workflows/lstm_vn30.yaml` (default settings: up to 100 epochs, early stop 10) and
-`qrun workflows/lgb_vn30.yaml` end to end and reads their test IC / Rank IC from the recorder.
+`qrun workflows/lgb_vn30.yaml` end to end and reads their test IC / Rank IC from the recorder, and trains
+Qlib's contrib LSTM the same way (up to the workflow's epochs, the same patience on the valid loss, its own
+`fit`) for its test metrics (``--pairs 0`` runs only these).
 Prints a Markdown report for BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -80,10 +82,11 @@ def pipeline_pass(batches) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def train_one(which: str, provider: str, epochs: int, precision: str | None) -> dict:
-    """Fit ``which`` ("ours" or "qlib") for ``epochs`` epochs in this process; times, memory and test metrics.
+def train_one(which: str, provider: str, epochs: int, precision: str | None, early_stop: int | None = None) -> dict:
+    """Fit ``which`` ("ours" or "qlib") for up to ``epochs`` epochs in this process; times, memory, test metrics.
 
-    ``precision``: our LSTM's, overriding the workflow's (Qlib's runs float32)."""
+    ``precision``: our LSTM's, overriding the workflow's (Qlib's runs float32). ``early_stop``: Qlib's patience
+    (None: run every epoch, as in the timed head-to-head)."""
     import qlib
     import torch
     from qlib.data.dataset.handler import DataHandlerLP
@@ -131,7 +134,7 @@ def train_one(which: str, provider: str, epochs: int, precision: str | None) -> 
         d_feat = len(dataset.handler.get_cols(col_set="feature"))
         model = QlibLSTM(d_feat=d_feat, hidden_size=kwargs["hidden_size"], num_layers=kwargs["num_layers"],
                          dropout=kwargs["dropout"], n_epochs=epochs, lr=kwargs["lr"], batch_size=kwargs["batch_size"],
-                         early_stop=epochs, loss="mse", n_jobs=0, GPU=-1, seed=kwargs["seed"])
+                         early_stop=early_stop or epochs, loss="mse", n_jobs=0, GPU=-1, seed=kwargs["seed"])
         sampler = dataset.prepare("train", col_set=["feature", "label"], data_key=DataHandlerLP.DK_L)
         sampler.config(fillna_type="ffill+bfill")
         pipeline = pipeline_pass(DataLoader(sampler, batch_size=kwargs["batch_size"], shuffle=True, drop_last=True))
@@ -197,6 +200,13 @@ def report_pair(ours: dict, theirs: dict) -> tuple[float, float]:
             / (median(theirs, "train_s", 1) + median(theirs, "eval_s", 1)))
 
 
+def load_workflow_kwargs(provider: str) -> dict:
+    """The LSTM workflow's model kwargs, as qrun would render them."""
+    from vn30_qlib.workflow_config import load_workflow
+
+    return load_workflow(LSTM_WORKFLOW, {"VN30_PROVIDER": provider})["task"]["model"]["kwargs"]
+
+
 def run_qrun(workflow: Path, provider: str, workdir: str, experiment: str) -> dict:
     """Time ``qrun workflow`` in a subprocess, then read its recorder's metrics."""
     env = {**os.environ, "VN30_PROVIDER": provider, "VN30_EXPERIMENT": experiment}
@@ -221,6 +231,7 @@ def main() -> None:
     parser.add_argument("--provider", required=True)
     parser.add_argument("--epochs", type=int, default=5, help="epochs for the timed head-to-head (Qlib's is slow)")
     parser.add_argument("--one", choices=["ours", "qlib"], help=argparse.SUPPRESS)   # the child processes
+    parser.add_argument("--early-stop", type=int, help=argparse.SUPPRESS)            # and Qlib's patience there
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both models (OMP_NUM_THREADS)")
     parser.add_argument("--pairs", type=int, default=3,
                         help="timed head-to-heads, one after the other, alternating which model goes first")
@@ -230,7 +241,7 @@ def main() -> None:
     args = parser.parse_args()
     provider = str(Path(args.provider).expanduser())
     if args.one:
-        print("RESULT " + json.dumps(train_one(args.one, provider, args.epochs, args.precision)))
+        print("RESULT " + json.dumps(train_one(args.one, provider, args.epochs, args.precision, args.early_stop)))
         return
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}   # torch's (and our fit's) thread count
@@ -251,19 +262,33 @@ def main() -> None:
               f"{'bfloat16' if results['ours']['bf16'] else 'float32'} (precision "
               f"{args.precision or 'as in the workflow'}), Qlib's in float32\n")
         ratios.append(report_pair(results["ours"], results["qlib"]))
-    train, epoch = (float(np.median([r[k] for r in ratios])) for k in (0, 1))
-    print(f"\n**Median over the {args.pairs} pairs, CPU time: train pass {train:.3f}, train + eval epoch {epoch:.3f}** "
-          f"(per pair: {', '.join(f'{t:.3f} / {e:.3f}' for t, e in ratios)})\n")
+    if ratios:
+        train, epoch = (float(np.median([r[k] for r in ratios])) for k in (0, 1))
+        print(f"\n**Median over the {args.pairs} pairs, CPU time: train pass {train:.3f}, train + eval epoch "
+              f"{epoch:.3f}** (per pair: {', '.join(f'{t:.3f} / {e:.3f}' for t, e in ratios)})\n")
     if args.skip_qrun:
         return
     with tempfile.TemporaryDirectory() as tmp:
         lstm = run_qrun(LSTM_WORKFLOW, provider, tmp, "bench_lstm")
         lgb = run_qrun(LGB_WORKFLOW, provider, tmp, "bench_lgb")
-    print("\n### qrun end to end (default settings)\n")
-    print("| workflow | wall s | epochs | test IC | ICIR | Rank IC | Rank ICIR |")
-    print("|---|---|---|---|---|---|---|")
-    for name, row in (("lstm_vn30.yaml", lstm), ("lgb_vn30.yaml", lgb)):
-        print(f"| {name} | {row['qrun_s']:.0f} | {row['epochs'] or '-'} | " + " | ".join(f"{row[k]:.4f}" for k in METRICS) + " |")
+    # Qlib's contrib LSTM trained as ours is by qrun: up to the workflow's n_epochs, stopping on the valid loss
+    # after the workflow's patience, best epoch restored (its own fit); timed from data loading to prediction
+    kwargs = load_workflow_kwargs(provider)
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, __file__, "--provider", provider, "--epochs", str(kwargs["n_epochs"]),
+                          "--early-stop", str(kwargs["early_stop"]), "--one", "qlib"],
+                         capture_output=True, text=True, check=True, env=env).stdout
+    qlib_full = json.loads(out.split("RESULT ", 1)[1])
+    qlib_full.update(qrun_s=time.perf_counter() - start, epochs=len(qlib_full["train_s"]))
+    print("\n### End to end, trained to early stopping\n")
+    print("| run | torch threads | wall s | epochs | test IC | ICIR | Rank IC | Rank ICIR |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, threads, row in (("`qrun workflows/lstm_vn30.yaml` (ours)", "default", lstm),
+                               ("Qlib `pytorch_lstm_ts` + `TSDatasetH`, same settings, its `fit`", args.threads,
+                                qlib_full),
+                               ("`qrun workflows/lgb_vn30.yaml`", "-", lgb)):
+        print(f"| {name} | {threads} | {row['qrun_s']:.0f} | {row['epochs'] or '-'} | "
+              + " | ".join(f"{row[k]:.4f}" for k in METRICS) + " |")
 
 
 if __name__ == "__main__":
