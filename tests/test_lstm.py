@@ -94,13 +94,13 @@ def test_lstm_recovers_the_planted_signal(planted):
     assert rank_ic(model, planted) > 0.07   # planted at 0.1 in the close's place in the day's range
 
 
-
 def test_bidirectional_stacked_lstm_recovers_the_planted_signal(planted):
     """Two bidirectional layers: the second reads both directions' outputs (twice the width) of the first."""
     model = LSTM(**{**SMALL, "num_layers": 2}, bidirectional=True, n_epochs=3)
     model.fit(planted)
     assert model.module.layers[1].input_size == 2 * SMALL["hidden_size"]
     assert rank_ic(model, planted) > 0.07
+
 
 def test_lstm_finds_nothing_in_pure_noise(sim_provider):
     """Leakage canary: with signal 0 a look-ahead bug would show up as a Rank IC well away from 0."""

@@ -65,7 +65,6 @@ def test_module_shapes_and_weights_sum_to_one():
     assert QuantileOutput(hidden, 3)(torch.randn(batch, 2, hidden)).shape == (batch, 2, 3)
 
 
-
 def test_network_makes_every_tensor_on_its_inputs_device():
     """What a GPU run needs of the network, checked without a GPU: on torch's "meta" device (shapes only, no
     data) forward and backward fail if any tensor the network makes lands on the CPU instead of its inputs'
@@ -77,6 +76,7 @@ def test_network_makes_every_tensor_on_its_inputs_device():
     assert out.shape == (4, 2, 3) and out.device.type == "meta"
     quantile_loss(out, torch.randn(4, 2, device="meta"), torch.tensor([0.1, 0.5, 0.9], device="meta")).backward()
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in net.parameters())
+
 
 def test_quantile_loss_matches_a_hand_computed_case():
     pred = torch.tensor([[[0.0, 1.0, 2.0]], [[-1.0, 0.0, 3.0]]])  # 2 rows, 1 horizon, 3 quantiles
