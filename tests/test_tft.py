@@ -1,5 +1,6 @@
-"""TFT: each module's shapes and weights, the pinball loss, calendar-only known-future inputs, the planted signal
-found and noise not, one seed one model, and ``qrun workflows/tft_vn30.yaml`` with a reload from the recorder."""
+"""TFT: each module's shapes and weights, tensors made on the inputs' device, the pinball loss, calendar-only
+known-future inputs, the planted signal found and noise not, one seed one model, and
+``qrun workflows/tft_vn30.yaml`` with a reload from the recorder."""
 from __future__ import annotations
 
 import numpy as np
