@@ -82,6 +82,13 @@ def pipeline_pass(batches) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
+def lstm_workflow(provider: str) -> dict:
+    """`workflows/lstm_vn30.yaml` on ``provider``, as qrun would render it."""
+    from vn30_qlib.workflow_config import load_workflow
+
+    return load_workflow(LSTM_WORKFLOW, {"VN30_PROVIDER": provider})
+
+
 def train_one(which: str, provider: str, epochs: int, precision: str | None, early_stop: int | None = None) -> dict:
     """Fit ``which`` ("ours" or "qlib") for up to ``epochs`` epochs in this process; times, memory, test metrics.
 
@@ -92,9 +99,7 @@ def train_one(which: str, provider: str, epochs: int, precision: str | None, ear
     from qlib.data.dataset.handler import DataHandlerLP
     from qlib.utils import init_instance_by_config
 
-    from vn30_qlib.workflow_config import load_workflow
-
-    config = load_workflow(LSTM_WORKFLOW, {"VN30_PROVIDER": provider})
+    config = lstm_workflow(provider)
     qlib.init(provider_uri=provider, region="cn", kernels=1)
     kwargs = config["task"]["model"]["kwargs"]
     dataset_config = config["task"]["dataset"]
@@ -174,10 +179,12 @@ def report_pair(ours: dict, theirs: dict) -> tuple[float, float]:
               f"{median(row, 'train_s', 0):.1f} / {median(row, 'train_s', 1):.1f} | "
               f"{median(row, 'eval_s', 0):.1f} / {median(row, 'eval_s', 1):.1f} | {row['peak_mb']:.0f} | "
               + " | ".join(f"{row[k]:.4f}" for k in METRICS) + " |")
+    ratios = {}
     for kind, what in ((0, "wall"), (1, "CPU")):
         train = median(ours, "train_s", kind) / median(theirs, "train_s", kind)
         epoch = ((median(ours, "train_s", kind) + median(ours, "eval_s", kind))
                  / (median(theirs, "train_s", kind) + median(theirs, "eval_s", kind)))
+        ratios[what] = (train, epoch)
         pipe = ours["pipeline_s"][kind] / theirs["pipeline_s"][kind]
         print(f"\nours / theirs, {what} time (medians over the epochs): data pipeline {pipe:.3f}, train pass "
               f"{train:.3f}, train + eval epoch {epoch:.3f}")
@@ -195,16 +202,7 @@ def report_pair(ours: dict, theirs: dict) -> tuple[float, float]:
     for name, row in (("ours", ours), ("theirs", theirs)):
         print(f"\n{name}: per-epoch train pass (wall, CPU) s {[(round(w, 1), round(c, 1)) for w, c in row['train_s']]}")
     print()
-    return (median(ours, "train_s", 1) / median(theirs, "train_s", 1),
-            (median(ours, "train_s", 1) + median(ours, "eval_s", 1))
-            / (median(theirs, "train_s", 1) + median(theirs, "eval_s", 1)))
-
-
-def load_workflow_kwargs(provider: str) -> dict:
-    """The LSTM workflow's model kwargs, as qrun would render them."""
-    from vn30_qlib.workflow_config import load_workflow
-
-    return load_workflow(LSTM_WORKFLOW, {"VN30_PROVIDER": provider})["task"]["model"]["kwargs"]
+    return ratios["CPU"]
 
 
 def run_qrun(workflow: Path, provider: str, workdir: str, experiment: str) -> dict:
@@ -273,7 +271,7 @@ def main() -> None:
         lgb = run_qrun(LGB_WORKFLOW, provider, tmp, "bench_lgb")
     # Qlib's contrib LSTM trained as ours is by qrun: up to the workflow's n_epochs, stopping on the valid loss
     # after the workflow's patience, best epoch restored (its own fit); timed from data loading to prediction
-    kwargs = load_workflow_kwargs(provider)
+    kwargs = lstm_workflow(provider)["task"]["model"]["kwargs"]
     start = time.perf_counter()
     out = subprocess.run([sys.executable, __file__, "--provider", provider, "--epochs", str(kwargs["n_epochs"]),
                           "--early-stop", str(kwargs["early_stop"]), "--one", "qlib"],

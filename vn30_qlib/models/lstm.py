@@ -72,9 +72,9 @@ class LSTM(CpuPickledModel, Model):
     fit); ``resume=True`` continues from the checkpoint there. ``n_threads``: torch's CPU threads (0 = every core
     this process may use; 1 is much faster on a CPU shared with other jobs). ``chunk_rows``: on a CPU, each
     batch's forward and backward run this many rows at a time (twice as many in bfloat16; the "mse" loss only),
-    so the LSTM's activations stay in cache; the gradient is the batch's (only the dropout draws differ). ``precision``: "float32",
-    "bfloat16" (autocast: bf16 matmuls, float32 weights and optimizer) or "auto" (bfloat16 on a CPU that
-    multiplies it in hardware, see `native_bf16`); fit records its choice in ``bf16``.
+    so the LSTM's activations stay in cache; the gradient is the batch's (only the dropout draws differ).
+    ``precision``: "float32", "bfloat16" (autocast: bf16 matmuls, float32 weights and optimizer) or "auto"
+    (bfloat16 on a CPU that multiplies it in hardware, see `native_bf16`); fit records its choice in ``bf16``.
     """
 
     def __init__(
