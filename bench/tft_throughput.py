@@ -7,8 +7,8 @@ time against pytorch-forecasting's TemporalFusionTransformer on the same rows an
     python bench/tft_throughput.py --provider /tmp/vn30_real [--epochs 2] [--threads 1] [--qrun]
 
 FLOPs of one training step (forward + backward) are counted by torch's FlopCounterMode (matmuls, bmm, ...)
-plus the LSTMs analytically (their CPU kernel is opaque to the counter): 2 * 4h(in + h) multiply-adds per row,
-step and layer forward, twice that backward. Elementwise work is not counted, as usual for MFU.
+plus, analytically, what the counter cannot see: the LSTMs (oneDNN), 2 * 4h(in + h) FLOPs per row, step and
+layer forward, and the variable selections' fused kernel (`mix_forward_flops`), each twice that backward. Elementwise work is not counted, as usual for MFU.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ SEGMENTS = {"train": ("2015-10-05", "2021-12-31"), "valid": ("2022-01-01", "2022
 
 def step_flops(model, panel, rows, batch_size: int) -> float:
     """Forward + backward FLOPs of one training batch of ``batch_size`` rows."""
+    from vn30_qlib.models import variable_mix
     from vn30_qlib.models.tft import quantile_loss
 
     module = model.module.train()
@@ -45,7 +46,20 @@ def step_flops(model, panel, rows, batch_size: int) -> float:
     module.zero_grad()
     h, steps_encoder, steps_decoder = model.hidden_size, model.step_len, model.horizons
     lstm_forward = 2 * 4 * h * (h + h) * batch_size * (steps_encoder + steps_decoder)
-    return counter.get_total_flops() + 3 * lstm_forward
+    fused = (variable_mix.ENABLED and variable_mix._kernel() is not None
+             and model.variable_hidden_size == variable_mix.WIDTH)
+    return counter.get_total_flops() + 3 * lstm_forward + (3 * mix_forward_flops(model, batch_size) if fused else 0)
+
+
+def mix_forward_flops(model, batch_size: int) -> float:
+    """The per-variable GRNs' linear maps (D -> H -> H -> 2D) over every (row, step, variable) of the three
+    variable selections: the fused kernel's work, which the counter cannot see (its recomputed forward not counted)."""
+    from vn30_qlib.models.tft_inputs import STATIC_FEATURES
+
+    d = model.variable_hidden_size
+    cells = batch_size * (model.step_len * len(model.past_names) + model.horizons * len(model.known_future)
+                          + len(STATIC_FEATURES))
+    return 2 * (d * d + d * d + d * 2 * d) * cells
 
 
 def tft_epochs(data, epochs: int, threads: int) -> dict:

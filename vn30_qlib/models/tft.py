@@ -44,6 +44,7 @@ from vn30_qlib.models.tft_inputs import (  # noqa: E402
 )
 from vn30_qlib.cpu import cpu_threads  # noqa: E402
 from vn30_qlib.models.dropout import Dropout  # noqa: E402
+from vn30_qlib.models.variable_mix import variable_mix  # noqa: E402
 from vn30_qlib.models.training import (  # noqa: E402
     CpuPickledModel, LoopConfig, fit_epochs, pick_device, set_seed)
 from vn30_qlib.models.windows import SequenceWindows  # noqa: E402
@@ -151,7 +152,7 @@ class VariableSelectionNetwork(nn.Module):
 
     def forward(self, embedded: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         weights = torch.softmax(self.weights(embedded.flatten(-2), context), dim=-1)
-        return self.project((weights.unsqueeze(-1) * self.transform(embedded)).sum(-2)), weights
+        return self.project(variable_mix(embedded, weights, self.transform)), weights
 
 
 class StaticCovariateEncoder(nn.Module):

@@ -1,0 +1,141 @@
+"""The fused CPU kernel of the TFT's variable selection gives what torch's ops give: the same mix and the same
+gradients for every input and parameter (dropout included, with the kernel's mask), deterministic whatever the
+thread count, with a dropout mask of the asked rate that the seed fixes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vn30_qlib.models import variable_mix as vm
+from vn30_qlib.models.dropout import LEVELS
+from vn30_qlib.models.tft import GatedResidualNetwork, TemporalFusionNetwork, TFTBatch, quantile_loss
+
+pytestmark = pytest.mark.skipif(vm._kernel() is None, reason="the fused kernel did not build here (no C++ compiler?)")
+WIDTH = vm.WIDTH
+
+
+def per_variable_grn(n_vars: int, dropout: float) -> GatedResidualNetwork:
+    torch.manual_seed(0)
+    grn = GatedResidualNetwork(WIDTH, WIDTH, WIDTH, dropout=dropout, n_groups=n_vars)
+    with torch.no_grad():  # a norm away from its (1, 0) start, so its gradients are checked too
+        grn.norm.weight.uniform_(0.5, 1.5)
+        grn.norm.bias.uniform_(-0.5, 0.5)
+    return grn
+
+
+def torch_mix(embedded, weights, grn, mask):
+    """The mix in torch's ops, with a given dropout mask in place of the GLU's own."""
+    hidden = grn.fc_hidden(F.elu(grn.fc_input(embedded))) * mask
+    return (weights.unsqueeze(-1) * grn.norm(embedded + F.glu(grn.gate.linear(hidden), dim=-1))).sum(-2)
+
+
+def inputs(rows: int, n_vars: int):
+    torch.manual_seed(1)
+    embedded = torch.randn(rows, n_vars, WIDTH, requires_grad=True)
+    weights = torch.softmax(torch.randn(rows, n_vars), dim=-1).requires_grad_()
+    return embedded, weights
+
+
+@pytest.mark.parametrize("rows", [37, 1024])  # 37: a last tile of 5 rows in the kernel's tiles of 16
+def test_mix_and_gradients_equal_torch_ops_with_the_kernels_dropout_mask(rows):
+    grn = per_variable_grn(n_vars=5, dropout=0.3).train()
+    embedded, weights = inputs(rows, 5)
+    torch.manual_seed(7)
+    fused = vm.variable_mix(embedded, weights, grn)
+    torch.manual_seed(7)  # the kernel's seed is the first draw after this
+    mask = vm.kernel_dropout_mask(rows, 5, int(torch.randint(0, 2**63 - 1, ())), 0.3)
+    expected = torch_mix(embedded, weights, grn, mask)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+
+    leaves = [embedded, weights, *grn.parameters()]
+    grad_out = torch.randn(rows, WIDTH)
+    for got, want, leaf in zip(torch.autograd.grad(fused, leaves, grad_out),
+                               torch.autograd.grad(expected, leaves, grad_out), leaves):
+        assert got.shape == leaf.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_evaluation_uses_no_dropout_and_equals_the_grn_module():
+    grn = per_variable_grn(n_vars=7, dropout=0.3).eval()
+    embedded, weights = inputs(100, 7)
+    expected = (weights.unsqueeze(-1) * grn(embedded)).sum(-2)
+    torch.testing.assert_close(vm.variable_mix(embedded, weights, grn), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_mask_keeps_one_minus_p_scaled_and_is_fixed_by_its_seed():
+    rows, n_vars, p = 4096, 28, 0.1
+    mask = vm.kernel_dropout_mask(rows, n_vars, seed=5, p=p)
+    kept = mask != 0
+    sd = (p * (1 - p) / mask.numel()) ** 0.5
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * sd
+    assert torch.all(mask[kept] == LEVELS / (LEVELS - round(p * LEVELS)))
+    assert torch.equal(mask, vm.kernel_dropout_mask(rows, n_vars, seed=5, p=p))
+    other = vm.kernel_dropout_mask(rows, n_vars, seed=6, p=p)
+    assert (other != mask).float().mean().item() > 0.1  # another seed: another mask, not a shifted copy
+    # neighbouring values are not correlated (a weak hash would show here)
+    flat = kept.flatten().float()
+    assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 0.01
+    assert torch.equal(vm.kernel_dropout_mask(rows, n_vars, seed=5, p=0.0), torch.ones(rows, n_vars, WIDTH))
+
+
+def test_same_result_bit_for_bit_with_one_or_two_threads():
+    grn = per_variable_grn(n_vars=6, dropout=0.1).train()
+    embedded, weights = inputs(500, 6)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(3)
+            out = vm.variable_mix(embedded, weights, grn)
+            results.append([out, *torch.autograd.grad(out.square().sum(), [embedded, weights, *grn.parameters()])])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def test_network_trains_the_same_through_the_kernel_or_torch_ops(monkeypatch):
+    """The whole TFT in evaluation mode gives the same forecasts through either path, and its gradients agree."""
+    torch.manual_seed(0)
+    net = TemporalFusionNetwork(n_past=6, n_future=3, horizons=2, n_quantiles=3, hidden_size=16).eval()
+    batch = TFTBatch(torch.randint(0, 2, (40, 2)), torch.randn(40, 5, 6), torch.randn(40, 2, 3))
+    target, quantiles = torch.randn(40, 2), torch.tensor([0.1, 0.5, 0.9])
+
+    def forecast_and_gradients():
+        net.zero_grad()
+        out = net(batch)
+        quantile_loss(out, target, quantiles).backward()
+        return out.detach(), [p.grad.clone() for p in net.parameters()]
+
+    fused_out, fused_grads = forecast_and_gradients()
+    monkeypatch.setattr(vm, "ENABLED", False)
+    torch_out, torch_grads = forecast_and_gradients()
+    torch.testing.assert_close(fused_out, torch_out, rtol=1e-5, atol=1e-6)
+    for got, want in zip(fused_grads, torch_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_ops_stand_in_where_the_kernel_does_not_apply():
+    """Another width, or no kernel: the mix still runs, in torch's ops."""
+    torch.manual_seed(0)
+    grn = GatedResidualNetwork(4, 4, 4, n_groups=3).eval()
+    embedded, weights = torch.randn(10, 3, 4), torch.softmax(torch.randn(10, 3), -1)
+    torch.testing.assert_close(vm.variable_mix(embedded, weights, grn), (weights.unsqueeze(-1) * grn(embedded)).sum(-2))
+
+
+def test_a_kernel_that_cannot_build_leaves_the_torch_ops(monkeypatch):
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension 'vn30_variable_mix': c++: command not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    vm._kernel.cache_clear()
+    try:
+        assert vm._kernel() is None
+        grn = per_variable_grn(n_vars=3, dropout=0.1).eval()
+        embedded, weights = inputs(10, 3)
+        torch.testing.assert_close(vm.variable_mix(embedded, weights, grn),
+                                   (weights.unsqueeze(-1) * grn(embedded)).sum(-2))
+    finally:
+        vm._kernel.cache_clear()

@@ -1,0 +1,349 @@
+// The TFT variable selection's per-variable GRNs and weighted mix in one pass over the rows (CPU, float32).
+//
+// For row r and variable v, with e = embedded[r, v] (D values) and one GRN per variable:
+//   z1 = e W1[v] + b1[v];  h1 = elu(z1);  z2 = dropout(h1 W2[v] + b2[v]);  g = z2 Wg[v] + bg[v]
+//   y  = LayerNorm(e + g[:D] * sigmoid(g[D:]))          (one norm, gamma and beta, shared by the variables)
+//   out[r] = sum_v weights[r, v] * y
+// Torch runs this as ~20 kernels over (rows, V, D) tensors whose last dimension is 8: memory traffic and
+// poorly vectorised loops. Here rows are taken kLanes at a time and every value is a vector over those rows,
+// so each step is one vertical vector operation (the norm's sums too) and every intermediate stays in cache.
+// The backward recomputes the forward from its inputs, so nothing but the inputs is kept between the two.
+// The dropout mask is a hash of each value's position and a seed, made where it is used (never stored): the
+// same mask whatever the tiling or thread count, and the backward remakes it.
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;  // rows per tile: one AVX-512 register of floats, two AVX2 ones
+// a value of kLanes rows (GCC/Clang vector extension: vertical arithmetic, compiled to the CPU's SIMD width)
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// exp(x) to about 2e-7 relative error in vector arithmetic (x = n ln2 + r, |r| <= ln2 / 2, a degree-6 Taylor
+// polynomial for exp(r), 2^n written into the exponent bits): libm's expf is one scalar call per value.
+inline vf fast_exp(vf x) {
+  x = x < -87.f ? -87.f : x;
+  x = x > 88.f ? 88.f : x;
+  const vf n = (x * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest: 12582912 = 1.5 * 2^23
+  const vf r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  const vf p =
+      1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * reinterpret_cast<const vf&>(bits);
+}
+
+// lowbias32 (Chris Wellons' integer hash): each output bit flips with about half of the input bits
+inline vu hash32(vu x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+// Inverted dropout on the GRN's hidden values: value i of the (rows, variables, hidden) block is kept, scaled by
+// `scale`, when the top 16 bits of its hash are at least `threshold` (= round(p * 65536); 0: no dropout).
+struct DropoutMask {
+  uint32_t seed_lo, seed_hi, threshold;
+  float scale;
+
+  DropoutMask(int64_t seed, int64_t threshold_)
+      : seed_lo((uint32_t)seed), seed_hi((uint32_t)((uint64_t)seed >> 32)), threshold((uint32_t)threshold_),
+        scale(65536.f / (65536.f - (float)threshold_)) {}
+
+  bool active() const { return threshold > 0; }
+
+  vf at(vu index) const {
+    const vu bits = hash32(hash32(index ^ seed_lo) + seed_hi) >> 16;
+    return bits >= threshold ? vf{} + scale : vf{};
+  }
+};
+
+inline float sum_lanes(vf x) {
+  float total = 0.f;
+  for (int l = 0; l < kLanes; ++l) total += x[l];
+  return total;
+}
+
+// One variable's parameters: W1 (D, H), b1 (H), W2 (H, H), b2 (H), Wg (H, 2D), bg (2D); gamma, beta (D) shared.
+struct Params {
+  const float *w1, *b1, *w2, *b2, *wg, *bg, *gamma, *beta;
+};
+
+// kLanes rows of one variable: every value is a vector over the rows.
+template <int D, int H>
+struct Tile {
+  vf e[D], m[H], w;
+  vf z1[H], h1[H], z2[H], g[2 * D], sig[D], shat[D], rstd, y[D];
+  bool masked;
+
+  // rows r0 .. r0 + n - 1 (n <= kLanes); the lanes past n hold zeros
+  void load(const float* emb, const float* weights, const DropoutMask& dropout, int64_t r0, int n, int n_vars,
+            int v) {
+    w = vf{};
+    for (int i = 0; i < D; ++i) e[i] = vf{};
+    for (int l = 0; l < n; ++l) {
+      const int64_t rv = (r0 + l) * n_vars + v;
+      w[l] = weights[rv];
+      for (int i = 0; i < D; ++i) e[i][l] = emb[rv * D + i];
+    }
+    masked = dropout.active();
+    if (masked) {
+      vu index;
+      for (int l = 0; l < kLanes; ++l) index[l] = (uint32_t)(((r0 + l) * n_vars + v) * H);
+      for (int k = 0; k < H; ++k) m[k] = dropout.at(index + (uint32_t)k);
+    }
+  }
+
+  template <int IN, int OUT>
+  static void affine(const vf (&x)[IN], const float* weight, const float* bias, vf (&out)[OUT]) {
+    for (int o = 0; o < OUT; ++o) out[o] = vf{} + bias[o];
+    for (int i = 0; i < IN; ++i)
+      for (int o = 0; o < OUT; ++o) out[o] += x[i] * weight[i * OUT + o];
+  }
+
+  void forward(const Params& p, float eps) {
+    affine<D, H>(e, p.w1, p.b1, z1);
+    for (int j = 0; j < H; ++j) h1[j] = z1[j] > 0.f ? z1[j] : fast_exp(z1[j] < 0.f ? z1[j] : 0.f) - 1.f;
+    affine<H, H>(h1, p.w2, p.b2, z2);
+    if (masked)
+      for (int k = 0; k < H; ++k) z2[k] *= m[k];
+    affine<H, 2 * D>(z2, p.wg, p.bg, g);
+    vf mean = vf{}, var = vf{};
+    for (int i = 0; i < D; ++i) {
+      sig[i] = 1.f / (1.f + fast_exp(-g[D + i]));
+      shat[i] = e[i] + g[i] * sig[i];
+      mean += shat[i];
+    }
+    mean *= 1.f / D;
+    for (int i = 0; i < D; ++i) {
+      shat[i] -= mean;
+      var += shat[i] * shat[i];
+    }
+    vf root;
+    var = var * (1.f / D) + eps;
+    for (int l = 0; l < kLanes; ++l) root[l] = std::sqrt(var[l]);
+    rstd = 1.f / root;
+    for (int i = 0; i < D; ++i) {
+      shat[i] *= rstd;
+      y[i] = shat[i] * p.gamma[i] + p.beta[i];
+    }
+  }
+};
+
+Params params_of(const torch::Tensor& w1, const torch::Tensor& b1, const torch::Tensor& w2, const torch::Tensor& b2,
+                 const torch::Tensor& wg, const torch::Tensor& bg, const torch::Tensor& gamma,
+                 const torch::Tensor& beta) {
+  for (const auto* t : {&w1, &b1, &w2, &b2, &wg, &bg, &gamma, &beta}) {
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kFloat && t->device().is_cpu(),
+                "variable_mix: parameters must be contiguous float32 CPU tensors");
+  }
+  return {w1.data_ptr<float>(), b1.data_ptr<float>(), w2.data_ptr<float>(), b2.data_ptr<float>(),
+          wg.data_ptr<float>(), bg.data_ptr<float>(), gamma.data_ptr<float>(), beta.data_ptr<float>()};
+}
+
+Params of_variable(const Params& p, int v, int D, int H) {
+  return {p.w1 + v * D * H, p.b1 + v * H, p.w2 + v * H * H, p.b2 + v * H,
+          p.wg + v * H * 2 * D, p.bg + v * 2 * D, p.gamma, p.beta};
+}
+
+template <int D, int H>
+void forward_rows(const float* emb, const float* weights, const DropoutMask& dropout, const Params& p, float* out,
+                  int64_t rows, int n_vars, float eps) {
+  const int64_t n_tiles = (rows + kLanes - 1) / kLanes;
+  at::parallel_for(0, n_tiles, 4, [&](int64_t begin, int64_t end) {
+    Tile<D, H> tile;
+    vf mix[D];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * kLanes;
+      const int n = (int)std::min<int64_t>(kLanes, rows - r0);
+      for (int i = 0; i < D; ++i) mix[i] = vf{};
+      for (int v = 0; v < n_vars; ++v) {
+        tile.load(emb, weights, dropout, r0, n, n_vars, v);
+        tile.forward(of_variable(p, v, D, H), eps);
+        for (int i = 0; i < D; ++i) mix[i] += tile.w * tile.y[i];
+      }
+      for (int l = 0; l < n; ++l)
+        for (int i = 0; i < D; ++i) out[(r0 + l) * D + i] = mix[i][l];
+    }
+  });
+}
+
+// Output gradients of one variable's parameters, and their per-lane sums while its rows are walked.
+struct ParamGrads {
+  float *w1, *b1, *w2, *b2, *wg, *bg, *gamma, *beta;
+};
+
+template <int D, int H>
+struct LaneSums {
+  vf w1[D * H], b1[H], w2[H * H], b2[H], wg[H * 2 * D], bg[2 * D], gamma[D], beta[D];
+
+  template <int N>
+  static void write(const vf (&acc)[N], float* out) {
+    for (int o = 0; o < N; ++o) out[o] = sum_lanes(acc[o]);
+  }
+
+  void write(const ParamGrads& g) const {
+    write(w1, g.w1), write(b1, g.b1), write(w2, g.w2), write(b2, g.b2);
+    write(wg, g.wg), write(bg, g.bg), write(gamma, g.gamma), write(beta, g.beta);
+  }
+};
+
+// One variable per task, so each task owns that variable's parameter gradients (no atomics, and the sums run
+// in one fixed order whatever the thread count: the result is deterministic). gamma and beta get one row per
+// variable, summed by the caller.
+template <int D, int H>
+void backward_vars(const float* grad_out, const float* emb, const float* weights, const DropoutMask& dropout,
+                   const Params& p, float* g_emb, float* g_weights, const ParamGrads& grads, int64_t rows,
+                   int n_vars, float eps) {
+  at::parallel_for(0, n_vars, 1, [&](int64_t v_begin, int64_t v_end) {
+    Tile<D, H> c;
+    auto acc = std::make_unique<LaneSums<D, H>>();
+    vf go[D], dy[D], ds[D], dg[2 * D], dz2[H], dz1[H];
+    for (int64_t v = v_begin; v < v_end; ++v) {
+      const Params pv = of_variable(p, (int)v, D, H);
+      *acc = LaneSums<D, H>{};
+      for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
+        const int n = (int)std::min<int64_t>(kLanes, rows - r0);
+        c.load(emb, weights, dropout, r0, n, n_vars, (int)v);
+        c.forward(pv, eps);
+        for (int i = 0; i < D; ++i) go[i] = vf{};
+        for (int l = 0; l < n; ++l)
+          for (int i = 0; i < D; ++i) go[i][l] = grad_out[(r0 + l) * D + i];
+        // the mix out = sum_v w_v y_v, then the norm
+        vf gw = vf{}, mean_dyh = vf{}, mean_dyh_shat = vf{};
+        for (int i = 0; i < D; ++i) {
+          gw += go[i] * c.y[i];
+          dy[i] = c.w * go[i];
+          acc->gamma[i] += dy[i] * c.shat[i];
+          acc->beta[i] += dy[i];
+          mean_dyh += dy[i] * pv.gamma[i];
+          mean_dyh_shat += dy[i] * pv.gamma[i] * c.shat[i];
+        }
+        for (int l = 0; l < n; ++l) g_weights[(r0 + l) * n_vars + v] = gw[l];
+        mean_dyh *= 1.f / D;
+        mean_dyh_shat *= 1.f / D;
+        // the norm's input is e + GLU(g): ds goes to both (the skip connection and the gate)
+        for (int i = 0; i < D; ++i) {
+          ds[i] = c.rstd * (dy[i] * pv.gamma[i] - mean_dyh - c.shat[i] * mean_dyh_shat);
+          dg[i] = ds[i] * c.sig[i];
+          dg[D + i] = ds[i] * c.g[i] * c.sig[i] * (1.f - c.sig[i]);
+        }
+        // gate map z2 -> g
+        for (int o = 0; o < 2 * D; ++o) acc->bg[o] += dg[o];
+        for (int k = 0; k < H; ++k) {
+          dz2[k] = vf{};
+          for (int o = 0; o < 2 * D; ++o) {
+            acc->wg[k * 2 * D + o] += c.z2[k] * dg[o];
+            dz2[k] += dg[o] * pv.wg[k * 2 * D + o];
+          }
+          if (c.masked) dz2[k] *= c.m[k];
+          acc->b2[k] += dz2[k];
+        }
+        // hidden map h1 -> z2, then the ELU: elu'(z) = exp(z) = elu(z) + 1 below 0
+        for (int j = 0; j < H; ++j) {
+          vf dh1 = vf{};
+          for (int k = 0; k < H; ++k) {
+            acc->w2[j * H + k] += c.h1[j] * dz2[k];
+            dh1 += dz2[k] * pv.w2[j * H + k];
+          }
+          dz1[j] = c.z1[j] > 0.f ? dh1 : dh1 * (c.h1[j] + 1.f);
+          acc->b1[j] += dz1[j];
+        }
+        // input map e -> z1
+        for (int i = 0; i < D; ++i) {
+          vf de = ds[i];
+          for (int j = 0; j < H; ++j) {
+            acc->w1[i * H + j] += c.e[i] * dz1[j];
+            de += dz1[j] * pv.w1[i * H + j];
+          }
+          for (int l = 0; l < n; ++l) g_emb[((r0 + l) * n_vars + v) * D + i] = de[l];
+        }
+      }
+      acc->write({grads.w1 + v * D * H, grads.b1 + v * H, grads.w2 + v * H * H, grads.b2 + v * H,
+                  grads.wg + v * H * 2 * D, grads.bg + v * 2 * D, grads.gamma + v * D, grads.beta + v * D});
+    }
+  });
+}
+
+void check_inputs(const torch::Tensor& emb, const torch::Tensor& weights, const torch::Tensor& w1) {
+  TORCH_CHECK(emb.dim() == 3 && emb.is_contiguous() && emb.scalar_type() == torch::kFloat && emb.device().is_cpu(),
+              "variable_mix: embedded must be a contiguous float32 CPU tensor (rows, variables, width)");
+  TORCH_CHECK(weights.sizes() == emb.sizes().slice(0, 2) && weights.is_contiguous() &&
+                  weights.scalar_type() == torch::kFloat,
+              "variable_mix: weights must be contiguous float32 (rows, variables)");
+  TORCH_CHECK(w1.dim() == 3 && w1.size(0) == emb.size(1) && w1.size(1) == emb.size(2),
+              "variable_mix: W1 must be (variables, width, hidden)");
+  TORCH_CHECK(emb.size(2) == 8 && w1.size(2) == 8, "variable_mix: only width 8 and hidden 8 are compiled");
+}
+
+// (rows, width): the weighted mix. dropout_threshold 0: no dropout (evaluation).
+torch::Tensor forward(const torch::Tensor& emb, const torch::Tensor& weights, const torch::Tensor& w1,
+                      const torch::Tensor& b1, const torch::Tensor& w2, const torch::Tensor& b2,
+                      const torch::Tensor& wg, const torch::Tensor& bg, const torch::Tensor& gamma,
+                      const torch::Tensor& beta, double eps, int64_t dropout_seed, int64_t dropout_threshold) {
+  check_inputs(emb, weights, w1);
+  const auto p = params_of(w1, b1, w2, b2, wg, bg, gamma, beta);
+  auto out = torch::empty({emb.size(0), emb.size(2)}, emb.options());
+  forward_rows<8, 8>(emb.data_ptr<float>(), weights.data_ptr<float>(), DropoutMask(dropout_seed, dropout_threshold),
+                     p, out.data_ptr<float>(), emb.size(0), (int)emb.size(1), (float)eps);
+  return out;
+}
+
+// The gradients of embedded, weights and the ten parameters, for the gradient of the mix.
+std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::Tensor& emb,
+                                    const torch::Tensor& weights, const torch::Tensor& w1, const torch::Tensor& b1,
+                                    const torch::Tensor& w2, const torch::Tensor& b2, const torch::Tensor& wg,
+                                    const torch::Tensor& bg, const torch::Tensor& gamma, const torch::Tensor& beta,
+                                    double eps, int64_t dropout_seed, int64_t dropout_threshold) {
+  check_inputs(emb, weights, w1);
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.sizes() == torch::IntArrayRef({emb.size(0), emb.size(2)}),
+              "variable_mix: grad_out must be contiguous (rows, width)");
+  const auto p = params_of(w1, b1, w2, b2, wg, bg, gamma, beta);
+  const int n_vars = (int)emb.size(1), d = (int)emb.size(2);
+  auto g_emb = torch::empty_like(emb), g_weights = torch::empty_like(weights);
+  auto g_w1 = torch::empty_like(w1), g_b1 = torch::empty_like(b1), g_w2 = torch::empty_like(w2);
+  auto g_b2 = torch::empty_like(b2), g_wg = torch::empty_like(wg), g_bg = torch::empty_like(bg);
+  auto g_gamma_v = torch::empty({n_vars, d}, emb.options()), g_beta_v = torch::empty({n_vars, d}, emb.options());
+  const ParamGrads grads{g_w1.data_ptr<float>(), g_b1.data_ptr<float>(), g_w2.data_ptr<float>(),
+                         g_b2.data_ptr<float>(), g_wg.data_ptr<float>(), g_bg.data_ptr<float>(),
+                         g_gamma_v.data_ptr<float>(), g_beta_v.data_ptr<float>()};
+  backward_vars<8, 8>(grad_out.data_ptr<float>(), emb.data_ptr<float>(), weights.data_ptr<float>(),
+                      DropoutMask(dropout_seed, dropout_threshold), p, g_emb.data_ptr<float>(),
+                      g_weights.data_ptr<float>(), grads, emb.size(0), n_vars, (float)eps);
+  // the norm's parameters are shared by the variables: their per-variable sums are added in a fixed order
+  return {g_emb, g_weights, g_w1, g_b1, g_w2, g_b2, g_wg, g_bg, g_gamma_v.sum(0), g_beta_v.sum(0)};
+}
+
+// The dropout mask forward and backward apply, as a (rows, variables, hidden) tensor: for tests.
+torch::Tensor dropout_mask(int64_t rows, int64_t n_vars, int64_t hidden, int64_t dropout_seed,
+                           int64_t dropout_threshold) {
+  TORCH_CHECK(hidden == 8, "variable_mix: only hidden 8 is compiled");
+  auto mask = torch::empty({rows, n_vars, hidden}, torch::kFloat);
+  const DropoutMask dropout(dropout_seed, dropout_threshold);
+  float* out = mask.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < rows; r0 += kLanes)
+    for (int64_t v = 0; v < n_vars; ++v) {
+      vu index;
+      for (int l = 0; l < kLanes; ++l) index[l] = (uint32_t)(((r0 + l) * n_vars + v) * hidden);
+      for (int k = 0; k < hidden; ++k) {
+        const vf m = dropout.at(index + (uint32_t)k);
+        for (int l = 0; l < kLanes && r0 + l < rows; ++l) out[((r0 + l) * n_vars + v) * hidden + k] = m[l];
+      }
+    }
+  return mask;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "variable_mix forward");
+  m.def("backward", &backward, "variable_mix backward");
+  m.def("dropout_mask", &dropout_mask, "the dropout mask of a seed and threshold");
+}

@@ -1,0 +1,97 @@
+"""The TFT variable selection's per-variable GRNs and weighted mix, as one fused CPU kernel.
+
+``variable_mix(embedded, weights, grn)`` is sum_v weights[..., v] * GRN_v(embedded[..., v, :]): over the past
+window's (rows, 20 days, 28 variables, width 8) inputs, most of a TFT training step in torch's ops, which are
+memory-bound and vectorise poorly along a last dimension of 8. On a CPU, at width 8, it runs
+``csrc/variable_mix.cpp`` instead: rows taken 16 at a time as SIMD vectors, every intermediate kept in
+registers, the backward recomputing the forward, the dropout mask hashed from each value's position and a
+seed drawn from torch's generator (never stored). That is compiled on first use by torch's cpp_extension
+(about 40 s, needs a C++ compiler; cached under ``~/.cache/torch_extensions``). Anywhere else (a GPU, another
+width, no compiler) the same sum runs in torch's ops. Both give the same values to float32 rounding and use
+dropout masks of the same rate (tests/test_variable_mix.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from qlib.log import get_module_logger
+from torch import nn
+
+from vn30_qlib.models.dropout import LEVELS
+
+SOURCE = Path(__file__).with_name("csrc") / "variable_mix.cpp"
+WIDTH = 8  # the only per-variable width (and GRN hidden size) the kernel is compiled for
+ENABLED = True  # tests and benchmarks set False to time or compare the torch-ops path
+
+
+def variable_mix(embedded: torch.Tensor, weights: torch.Tensor, grn: nn.Module) -> torch.Tensor:
+    """(..., V, D) inputs and (..., V) weights -> (..., D): the weighted sum of the per-variable GRN outputs.
+
+    ``grn``: the variable selection's `GatedResidualNetwork` with ``n_groups=V`` (identity skip, no context).
+    """
+    if not _fused_fits(embedded, grn):
+        return (weights.unsqueeze(-1) * grn(embedded)).sum(-2)
+    n_vars, width = embedded.shape[-2:]
+    dropout = grn.gate.dropout
+    threshold = round(dropout.p * LEVELS) if dropout.training else 0
+    # one draw from torch's generator, as `Dropout` makes: torch.manual_seed fixes the mask
+    seed = int(torch.randint(0, 2**63 - 1, ())) if threshold else 0
+    mixed = _FusedVariableMix.apply(
+        embedded.reshape(-1, n_vars, width).contiguous(), weights.reshape(-1, n_vars).contiguous(),
+        grn.fc_input.weight, grn.fc_input.bias, grn.fc_hidden.weight, grn.fc_hidden.bias, grn.gate.linear.weight,
+        grn.gate.linear.bias, grn.norm.weight, grn.norm.bias, grn.norm.eps, seed, threshold)
+    return mixed.reshape(*embedded.shape[:-2], width)
+
+
+def _fused_fits(embedded: torch.Tensor, grn: nn.Module) -> bool:
+    return (ENABLED and embedded.device.type == "cpu" and embedded.dtype == torch.float32
+            and embedded.shape[-1] == WIDTH and grn.fc_input.weight.shape[-1] == WIDTH
+            and isinstance(grn.skip, nn.Identity) and grn.fc_context is None and _kernel() is not None)
+
+
+class _FusedVariableMix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, embedded, weights, *params_and_settings):
+        *params, eps, seed, threshold = params_and_settings
+        ctx.save_for_backward(embedded, weights, *params)
+        ctx.settings = eps, seed, threshold
+        return _kernel().forward(embedded, weights, *params, eps, seed, threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gradients = _kernel().backward(grad.contiguous(), *ctx.saved_tensors, *ctx.settings)
+        return *gradients, None, None, None
+
+
+def kernel_dropout_mask(rows: int, n_vars: int, seed: int, p: float) -> torch.Tensor:
+    """The (rows, n_vars, 8) dropout mask the kernel applies for ``seed`` (1 / keep rate where kept): for tests."""
+    return _kernel().dropout_mask(rows, n_vars, WIDTH, seed, round(p * LEVELS))
+
+
+@lru_cache(maxsize=None)
+def _kernel():
+    """The compiled extension, or None (with one warning) where it cannot be built."""
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(name=f"vn30_variable_mix_{_cpu_kind()}", sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as error:  # no compiler, an unsupported platform: the torch-ops path still works
+        get_module_logger("TFT").warning(
+            f"the fused variable-selection kernel ({SOURCE.name}) did not build, so the TFT runs its variable "
+            f"selection in torch's ops, about 2x slower a step on CPU: {str(error).splitlines()[0]}")
+        return None
+
+
+def _cpu_kind() -> str:
+    """A short hash of this CPU's instruction-set flags: ``-march=native`` code runs only on CPUs like the one
+    that compiled it, so a home folder shared by different machines keeps one build per kind of CPU."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = f"{platform.machine()} {platform.processor()}"
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
