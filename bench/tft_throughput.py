@@ -4,11 +4,12 @@ time against pytorch-forecasting's TemporalFusionTransformer on the same rows an
 
     # pytorch-forecasting, for the comparison only; it pins pandas<3.1, so without its dependency resolution:
     pip install --no-deps pytorch-forecasting lightning lightning-utilities torchmetrics scikit-base
-    python bench/tft_throughput.py --provider /tmp/vn30_real [--epochs 2] [--threads 1] [--qrun]
+    python bench/tft_throughput.py --provider /tmp/vn30_real [--epochs 2] [--threads 1] [--torch-ops] [--qrun]
 
 FLOPs of one training step (forward + backward) are counted by torch's FlopCounterMode (matmuls, bmm, ...)
 plus, analytically, what the counter cannot see: the LSTMs (oneDNN), 2 * 4h(in + h) FLOPs per row, step and
-layer forward, and the variable selections' fused kernel (`mix_forward_flops`), each twice that backward. Elementwise work is not counted, as usual for MFU.
+layer forward, and the variable selections' fused kernel (`mix_forward_flops`), each twice that backward.
+Elementwise work is not counted, as usual for MFU.
 """
 from __future__ import annotations
 
@@ -167,6 +168,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs timed for each implementation")
     parser.add_argument("--qrun", action="store_true", help="also time qrun tft_vn30.yaml and lgb_vn30.yaml")
     parser.add_argument("--no-pf", action="store_true", help="skip the pytorch-forecasting comparison")
+    parser.add_argument("--torch-ops", action="store_true",
+                        help="also time our TFT with its variable selection in torch's ops instead of the fused kernel")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for everything (0 = every core)")
     args = parser.parse_args()
     from vn30_qlib.cpu import cpu_threads
@@ -198,6 +201,17 @@ def main() -> None:
     }
     report["tft"]["fraction_of_matmul"] = report["tft"]["achieved_flops"] / report["matmul_flops"]
     print(json.dumps(report, indent=1), flush=True)
+    if args.torch_ops:
+        from vn30_qlib.models import variable_mix
+
+        variable_mix.ENABLED = False
+        try:
+            torch_ops = tft_epochs(data, args.epochs, args.threads)
+        finally:
+            variable_mix.ENABLED = True
+        report["tft_torch_ops"] = {"epoch_seconds": torch_ops["epoch_seconds"],
+                                   "fused_epoch_ratio": epoch / min(torch_ops["epoch_seconds"])}
+        print(json.dumps({"tft_torch_ops": report["tft_torch_ops"]}, indent=1), flush=True)
     if not args.no_pf:
         theirs = pf_epoch(ours["model"], data, args.epochs)
         theirs["peak_rss_mib_after"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -15,6 +15,8 @@ Every step is batched: variables go through one grouped linear map (no loop over
 steps through time, and attention computes queries for the H decoder positions only. One deviation from the
 paper, for CPU speed: each variable is processed at ``variable_hidden_size`` and the selected mix projected to
 ``hidden_size`` (see `VariableSelectionNetwork`), like pytorch-forecasting's ``hidden_continuous_size``.
+On a CPU the variable selections' per-variable GRNs and weighted mix run as one fused C++ kernel
+(`vn30_qlib.models.variable_mix`); the modules here define what it computes.
 """
 from __future__ import annotations
 

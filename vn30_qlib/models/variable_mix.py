@@ -79,7 +79,7 @@ def _kernel():
 
     try:
         return load(name=f"vn30_variable_mix_{_cpu_kind()}", sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                    extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, an unsupported platform: the torch-ops path still works
         get_module_logger("TFT").warning(
             f"the fused variable-selection kernel ({SOURCE.name}) did not build, so the TFT runs its variable "

@@ -71,6 +71,26 @@ inline float sum_lanes(vf x) {
   return total;
 }
 
+// Rows l = 0 .. n-1 of a row-major float array (row l at src + l * stride), W values each, as W vectors over the
+// rows (lanes past n are zero). Written value by value into a plain array, then read as vectors: inserting
+// values into vector lanes one at a time was the kernel's slowest part.
+template <int W>
+inline void gather_rows(const float* src, int64_t stride, int n, vf (&out)[W]) {
+  float lanes[W][kLanes] = {};
+  for (int l = 0; l < n; ++l)
+    for (int i = 0; i < W; ++i) lanes[i][l] = src[l * stride + i];
+  std::memcpy(out, lanes, sizeof lanes);
+}
+
+// The inverse of gather_rows: lanes 0 .. n-1 of W vectors written as n rows of W values.
+template <int W>
+inline void scatter_rows(const vf (&in)[W], float* dst, int64_t stride, int n) {
+  float lanes[W][kLanes];
+  std::memcpy(lanes, in, sizeof lanes);
+  for (int l = 0; l < n; ++l)
+    for (int i = 0; i < W; ++i) dst[l * stride + i] = lanes[i][l];
+}
+
 // One variable's parameters: W1 (D, H), b1 (H), W2 (H, H), b2 (H), Wg (H, 2D), bg (2D); gamma, beta (D) shared.
 struct Params {
   const float *w1, *b1, *w2, *b2, *wg, *bg, *gamma, *beta;
@@ -79,20 +99,15 @@ struct Params {
 // kLanes rows of one variable: every value is a vector over the rows.
 template <int D, int H>
 struct Tile {
-  vf e[D], m[H], w;
+  vf e[D], m[H], w[1];
   vf z1[H], h1[H], z2[H], g[2 * D], sig[D], shat[D], rstd, y[D];
   bool masked;
 
   // rows r0 .. r0 + n - 1 (n <= kLanes); the lanes past n hold zeros
   void load(const float* emb, const float* weights, const DropoutMask& dropout, int64_t r0, int n, int n_vars,
             int v) {
-    w = vf{};
-    for (int i = 0; i < D; ++i) e[i] = vf{};
-    for (int l = 0; l < n; ++l) {
-      const int64_t rv = (r0 + l) * n_vars + v;
-      w[l] = weights[rv];
-      for (int i = 0; i < D; ++i) e[i][l] = emb[rv * D + i];
-    }
+    gather_rows(weights + r0 * n_vars + v, n_vars, n, w);
+    gather_rows(emb + (r0 * n_vars + v) * D, (int64_t)n_vars * D, n, e);
     masked = dropout.active();
     if (masked) {
       vu index;
@@ -167,10 +182,9 @@ void forward_rows(const float* emb, const float* weights, const DropoutMask& dro
       for (int v = 0; v < n_vars; ++v) {
         tile.load(emb, weights, dropout, r0, n, n_vars, v);
         tile.forward(of_variable(p, v, D, H), eps);
-        for (int i = 0; i < D; ++i) mix[i] += tile.w * tile.y[i];
+        for (int i = 0; i < D; ++i) mix[i] += tile.w[0] * tile.y[i];
       }
-      for (int l = 0; l < n; ++l)
-        for (int i = 0; i < D; ++i) out[(r0 + l) * D + i] = mix[i][l];
+      scatter_rows(mix, out + r0 * D, D, n);
     }
   });
 }
@@ -205,7 +219,7 @@ void backward_vars(const float* grad_out, const float* emb, const float* weights
   at::parallel_for(0, n_vars, 1, [&](int64_t v_begin, int64_t v_end) {
     Tile<D, H> c;
     auto acc = std::make_unique<LaneSums<D, H>>();
-    vf go[D], dy[D], ds[D], dg[2 * D], dz2[H], dz1[H];
+    vf go[D], dy[D], ds[D], dg[2 * D], dz2[H], dz1[H], de[D];
     for (int64_t v = v_begin; v < v_end; ++v) {
       const Params pv = of_variable(p, (int)v, D, H);
       *acc = LaneSums<D, H>{};
@@ -213,20 +227,18 @@ void backward_vars(const float* grad_out, const float* emb, const float* weights
         const int n = (int)std::min<int64_t>(kLanes, rows - r0);
         c.load(emb, weights, dropout, r0, n, n_vars, (int)v);
         c.forward(pv, eps);
-        for (int i = 0; i < D; ++i) go[i] = vf{};
-        for (int l = 0; l < n; ++l)
-          for (int i = 0; i < D; ++i) go[i][l] = grad_out[(r0 + l) * D + i];
+        gather_rows(grad_out + r0 * D, D, n, go);
         // the mix out = sum_v w_v y_v, then the norm
-        vf gw = vf{}, mean_dyh = vf{}, mean_dyh_shat = vf{};
+        vf gw[1] = {}, mean_dyh = vf{}, mean_dyh_shat = vf{};
         for (int i = 0; i < D; ++i) {
-          gw += go[i] * c.y[i];
-          dy[i] = c.w * go[i];
+          gw[0] += go[i] * c.y[i];
+          dy[i] = c.w[0] * go[i];
           acc->gamma[i] += dy[i] * c.shat[i];
           acc->beta[i] += dy[i];
           mean_dyh += dy[i] * pv.gamma[i];
           mean_dyh_shat += dy[i] * pv.gamma[i] * c.shat[i];
         }
-        for (int l = 0; l < n; ++l) g_weights[(r0 + l) * n_vars + v] = gw[l];
+        scatter_rows(gw, g_weights + r0 * n_vars + v, n_vars, n);
         mean_dyh *= 1.f / D;
         mean_dyh_shat *= 1.f / D;
         // the norm's input is e + GLU(g): ds goes to both (the skip connection and the gate)
@@ -258,13 +270,13 @@ void backward_vars(const float* grad_out, const float* emb, const float* weights
         }
         // input map e -> z1
         for (int i = 0; i < D; ++i) {
-          vf de = ds[i];
+          de[i] = ds[i];
           for (int j = 0; j < H; ++j) {
             acc->w1[i * H + j] += c.e[i] * dz1[j];
-            de += dz1[j] * pv.w1[i * H + j];
+            de[i] += dz1[j] * pv.w1[i * H + j];
           }
-          for (int l = 0; l < n; ++l) g_emb[((r0 + l) * n_vars + v) * D + i] = de[l];
         }
+        scatter_rows(de, g_emb + (r0 * n_vars + v) * D, (int64_t)n_vars * D, n);
       }
       acc->write({grads.w1 + v * D * H, grads.b1 + v * H, grads.w2 + v * H * H, grads.b2 + v * H,
                   grads.wg + v * H * 2 * D, grads.bg + v * 2 * D, grads.gamma + v * D, grads.beta + v * D});
