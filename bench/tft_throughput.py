@@ -8,7 +8,7 @@ time against pytorch-forecasting's TemporalFusionTransformer on the same rows an
 
 FLOPs of one training step (forward + backward) are counted by torch's FlopCounterMode (matmuls, bmm, ...)
 plus, analytically, what the counter cannot see: the LSTMs (oneDNN), 2 * 4h(in + h) FLOPs per row, step and
-layer forward, and the variable selections' fused kernel (`mix_forward_flops`), each twice that backward.
+layer forward, and the variable selections' fused kernel (see `step_flops`), each twice that backward.
 Elementwise work is not counted, as usual for MFU.
 """
 from __future__ import annotations
@@ -34,33 +34,33 @@ SEGMENTS = {"train": ("2015-10-05", "2021-12-31"), "valid": ("2022-01-01", "2022
             "test": ("2023-01-01", "2024-09-26")}
 
 
-def step_flops(model, panel, rows, batch_size: int) -> float:
-    """Forward + backward FLOPs of one training batch of ``batch_size`` rows."""
-    from vn30_qlib.models import variable_mix
+def step_flops(module, batch, quantiles: torch.Tensor) -> float:
+    """Forward + backward FLOPs of one training step of the network ``module`` on ``batch`` (a `TFTBatch`)."""
     from vn30_qlib.models.tft import quantile_loss
 
-    module = model.module.train()
-    batch = panel.batch(rows, np.arange(batch_size), torch.device("cpu"))
+    rows, steps = batch.past.shape[:2]
+    horizons = batch.future.shape[1]
+    module.train()
     with FlopCounterMode(display=False) as counter:
-        out = module(batch)
-        quantile_loss(out, torch.zeros(batch_size, model.horizons), torch.tensor(model.quantiles)).backward()
+        quantile_loss(module(batch), torch.zeros(rows, horizons), quantiles).backward()
     module.zero_grad()
-    h, steps_encoder, steps_decoder = model.hidden_size, model.step_len, model.horizons
-    lstm_forward = 2 * 4 * h * (h + h) * batch_size * (steps_encoder + steps_decoder)
-    fused = (variable_mix.ENABLED and variable_mix._kernel() is not None
-             and model.variable_hidden_size == variable_mix.WIDTH)
-    return counter.get_total_flops() + 3 * lstm_forward + (3 * mix_forward_flops(model, batch_size) if fused else 0)
+    h = module.lstm.encoder.hidden_size
+    lstm_forward = 2 * 4 * h * (h + h) * rows * (steps + horizons)
+    return counter.get_total_flops() + 3 * (lstm_forward + mix_forward_flops(module, batch))
 
 
-def mix_forward_flops(model, batch_size: int) -> float:
-    """The per-variable GRNs' linear maps (D -> H -> H -> 2D) over every (row, step, variable) of the three
-    variable selections: the fused kernel's work, which the counter cannot see (its recomputed forward not counted)."""
-    from vn30_qlib.models.tft_inputs import STATIC_FEATURES
+def mix_forward_flops(module, batch) -> float:
+    """Forward FLOPs of the fused variable-selection kernel, which the counter cannot see: the per-variable linear
+    maps (D -> H -> H -> 2D, H = D) over every (row, step, variable) of the three variable selections; its
+    recomputed forward is not counted. 0 where the torch ops run instead (the counter sees those)."""
+    from vn30_qlib.models import variable_mix
 
-    d = model.variable_hidden_size
-    cells = batch_size * (model.step_len * len(model.past_names) + model.horizons * len(model.known_future)
-                          + len(STATIC_FEATURES))
-    return 2 * (d * d + d * d + d * 2 * d) * cells
+    d = module.past_embedding.weight.shape[-1]
+    if not (variable_mix.ENABLED and variable_mix._kernel() is not None and d == variable_mix.WIDTH):
+        return 0.0
+    rows, steps, n_past = batch.past.shape
+    horizons, n_future = batch.future.shape[1:]
+    return 2 * (d * d + d * d + d * 2 * d) * rows * (steps * n_past + horizons * n_future + batch.static.shape[1])
 
 
 def tft_epochs(data, epochs: int, threads: int) -> dict:
@@ -85,8 +85,9 @@ def tft_epochs(data, epochs: int, threads: int) -> dict:
         training._train_one_epoch = original
     panel = model._panel(data)
     rows = panel.rows(model._labels(data, "train").index)
+    batch = panel.batch(rows, np.arange(model.batch_size), torch.device("cpu"))
     return {"model": model, "epoch_seconds": times, "train_rows": len(rows.index),
-            "flops_per_step": step_flops(model, panel, rows, model.batch_size), "panel": panel}
+            "flops_per_step": step_flops(model.module, batch, torch.tensor(model.quantiles)), "panel": panel}
 
 
 def pf_epoch(model, data, epochs: int) -> dict:

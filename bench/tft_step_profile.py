@@ -1,0 +1,88 @@
+"""Where a TFT training step's time goes on CPU, by kind of op, and the ceiling that puts on its FLOP/s share.
+
+    python bench/tft_step_profile.py --provider /tmp/vn30_real [--chunks 40] [--threads 1]
+
+Fits the workflow's TFT for one epoch on the real split (trained weights, the real panel), then profiles
+``--chunks`` training chunks of 256 rows (forward + backward, as the loop runs them) with torch.profiler and splits
+their self time into: matmuls (mm, addmm, bmm and the LSTMs' oneDNN layers), the fused variable-selection kernel,
+and everything else (elementwise ops, copies, reductions, autograd bookkeeping). FLOPs are counted as in
+bench/tft_throughput.py. "If only the matmuls took time": the chunk's FLOPs over the matmuls' time alone, as a share
+of the matmul reference, the most any work on the other ops could reach with these matmuls.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+from matmul_peak import matmul_flops  # bench/ is on the path when a bench script runs
+from tft_throughput import SEGMENTS, mix_forward_flops, step_flops
+from torch.profiler import ProfilerActivity, profile
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_rnn_layer", "aten::mkldnn_rnn_layer_backward"}
+KERNEL_OPS = {"_FusedVariableMix", "_FusedVariableMixBackward"}
+CHUNK_ROWS = 256
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--provider", default="/tmp/vn30_real")
+    parser.add_argument("--chunks", type=int, default=40, help="256-row training chunks profiled")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from qlib.data.dataset import DatasetH
+
+    from handlers import VN30TFT
+    from vn30_qlib.data.check import init_qlib
+    from vn30_qlib.models.tft import TFT, quantile_loss
+
+    reference = matmul_flops()
+    init_qlib(args.provider)
+    data = DatasetH(VN30TFT(start_time="2015-10-05", end_time="2024-09-30", fit_start_time="2015-10-05",
+                            fit_end_time="2021-12-31"), segments=SEGMENTS)
+    model = TFT(n_epochs=1, early_stop=1, device="cpu", n_threads=args.threads)
+    model.fit(data)
+    panel = model._panel(data)
+    rows = panel.rows(model._labels(data, "train").index)
+    module, quantiles = model.module.train(), torch.tensor(model.quantiles)
+    order = np.random.default_rng(0).permutation(len(rows.index))
+    chunks = [panel.batch(rows, order[i * CHUNK_ROWS:(i + 1) * CHUNK_ROWS], torch.device("cpu"))
+              for i in range(args.chunks)]
+    flops = step_flops(module, chunks[0], quantiles)
+
+    def run(chunk):
+        quantile_loss(module(chunk), torch.zeros(CHUNK_ROWS, model.horizons), quantiles).backward()
+
+    for chunk in chunks[:3]:
+        run(chunk)
+    start = time.perf_counter()
+    for chunk in chunks:
+        run(chunk)
+    unprofiled = (time.perf_counter() - start) / len(chunks)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for chunk in chunks:
+            run(chunk)
+    seconds: dict[str, float] = defaultdict(float)
+    for event in profiler.key_averages():
+        kind = "matmuls" if event.key in MATMUL_OPS else "fused kernel" if event.key in KERNEL_OPS else "other ops"
+        seconds[kind] += event.self_cpu_time_total / 1e6 / len(chunks)
+    profiled = sum(seconds.values())
+    report = {
+        "threads": args.threads, "matmul_reference_gflops": reference / 1e9, "gflop_per_chunk": flops / 1e9,
+        "ms_per_chunk_unprofiled": unprofiled * 1e3, "ms_per_chunk_profiled": profiled * 1e3,
+        "ms_per_chunk_by_kind": {kind: value * 1e3 for kind, value in sorted(seconds.items())},
+        "share_of_matmul_reference": flops / unprofiled / reference,
+        "share_if_only_matmuls_and_kernel_took_time":
+            flops / (seconds["matmuls"] + seconds["fused kernel"]) / reference,
+        "share_if_only_matmuls_took_time": flops / seconds["matmuls"] / reference,
+        "matmul_gflops_in_the_step": (flops - 3 * mix_forward_flops(module, chunks[0])) / seconds["matmuls"] / 1e9,
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
