@@ -84,7 +84,7 @@ def _kernel():
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        return load(name=f"vn30_variable_mix_{_cpu_kind()}", sources=[str(SOURCE)],
+        return load(name=f"vn30_variable_mix_{_build_kind()}", sources=[str(SOURCE)],
                     extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, an unsupported platform: the torch-ops path still works
         get_module_logger("TFT").warning(
@@ -93,11 +93,12 @@ def _kernel():
         return None
 
 
-def _cpu_kind() -> str:
-    """A short hash of this CPU's instruction-set flags: ``-march=native`` code runs only on CPUs like the one
-    that compiled it, so a home folder shared by different machines keeps one build per kind of CPU."""
+def _build_kind() -> str:
+    """A short hash of this CPU's instruction-set flags and torch's version: ``-march=native`` code runs only on
+    CPUs like the one that compiled it, and a build links one torch; a home folder shared by different machines
+    or virtual environments keeps one build per kind."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = f"{platform.machine()} {platform.processor()}"
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+    return hashlib.sha1(f"{flags} torch {torch.__version__}".encode()).hexdigest()[:10]
