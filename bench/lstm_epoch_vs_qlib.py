@@ -205,6 +205,13 @@ def report_pair(ours: dict, theirs: dict) -> tuple[float, float]:
     return ratios["CPU"]
 
 
+def child_fit(which: str, provider: str, epochs: int, env: dict, options: list[str]) -> dict:
+    """`train_one` in a process of its own (so its peak memory is its own), with this script's ``options``."""
+    out = subprocess.run([sys.executable, __file__, "--provider", provider, "--epochs", str(epochs), "--one", which,
+                          *options], capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(out.split("RESULT ", 1)[1])
+
+
 def run_qrun(workflow: Path, provider: str, workdir: str, experiment: str) -> dict:
     """Time ``qrun workflow`` in a subprocess, then read its recorder's metrics."""
     env = {**os.environ, "VN30_PROVIDER": provider, "VN30_EXPERIMENT": experiment}
@@ -250,10 +257,8 @@ def main() -> None:
         order = ("ours", "qlib") if pair % 2 == 0 else ("qlib", "ours")
         first = "ours" if order[0] == "ours" else "Qlib's"
         for which in order:
-            out = subprocess.run([sys.executable, __file__, "--provider", provider, "--epochs", str(args.epochs),
-                                  "--one", which, *(["--precision", args.precision] if args.precision else [])],
-                                 capture_output=True, text=True, check=True, env=env).stdout
-            results[which] = json.loads(out.split("RESULT ", 1)[1])
+            results[which] = child_fit(which, provider, args.epochs, env,
+                                       ["--precision", args.precision] if args.precision else [])
             print(which, results[which], file=sys.stderr)
         print(f"### Pair {pair + 1} of {args.pairs}: {args.epochs} epochs each, {args.threads} torch thread(s), one "
               f"process per model, {first} first; ours in "
@@ -273,10 +278,7 @@ def main() -> None:
     # after the workflow's patience, best epoch restored (its own fit); timed from data loading to prediction
     kwargs = lstm_workflow(provider)["task"]["model"]["kwargs"]
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--provider", provider, "--epochs", str(kwargs["n_epochs"]),
-                          "--early-stop", str(kwargs["early_stop"]), "--one", "qlib"],
-                         capture_output=True, text=True, check=True, env=env).stdout
-    qlib_full = json.loads(out.split("RESULT ", 1)[1])
+    qlib_full = child_fit("qlib", provider, kwargs["n_epochs"], env, ["--early-stop", str(kwargs["early_stop"])])
     qlib_full.update(qrun_s=time.perf_counter() - start, epochs=len(qlib_full["train_s"]))
     print("\n### End to end, trained to early stopping\n")
     print("| run | torch threads | wall s | epochs | test IC | ICIR | Rank IC | Rank ICIR |")

@@ -53,10 +53,10 @@ def mix_forward_flops(module, batch) -> float:
     """Forward FLOPs of the fused variable-selection kernel, which the counter cannot see: the per-variable linear
     maps (D -> H -> H -> 2D, H = D) over every (row, step, variable) of the three variable selections; its
     recomputed forward is not counted. 0 where the torch ops run instead (the counter sees those)."""
-    from vn30_qlib.models import variable_mix
+    from vn30_qlib.models.variable_mix import fused_fits
 
     d = module.past_embedding.weight.shape[-1]
-    if not (variable_mix.ENABLED and variable_mix._kernel() is not None and d == variable_mix.WIDTH):
+    if not fused_fits(module.past_embedding(batch.past[:1]), module.past_selection.transform):
         return 0.0
     rows, steps, n_past = batch.past.shape
     horizons, n_future = batch.future.shape[1:]

@@ -16,6 +16,16 @@ import torch.nn.functional as F
 LEVELS = 1 << 16  # the mask's resolution: p is rounded to a multiple of 1 / 65536
 
 
+def mask_threshold(p: float) -> int:
+    """A value is kept when its 16 random bits are at least this: ``p`` rounded to a multiple of 1 / 65536."""
+    return round(p * LEVELS)
+
+
+def mask_seed() -> int:
+    """One draw from torch's generator seeding a mask, so ``torch.manual_seed`` fixes every mask."""
+    return int(torch.randint(0, 2**63 - 1, ()))
+
+
 class Dropout(torch.nn.Module):
     """``torch.nn.Dropout(p)``: zero each value with probability ``p`` in training, scale the rest by 1 / (1 - p)."""
 
@@ -30,9 +40,8 @@ class Dropout(torch.nn.Module):
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
-        threshold = round(self.p * LEVELS)
-        seed = int(torch.randint(0, 2**63 - 1, ()))
-        bits = np.random.default_rng(seed).integers(0, LEVELS, size=x.shape, dtype=np.uint16)
+        threshold = mask_threshold(self.p)
+        bits = np.random.default_rng(mask_seed()).integers(0, LEVELS, size=x.shape, dtype=np.uint16)
         # one float mask holding the scale: multiplying by a bool mask and then a scalar costs 3x more (fwd + bwd)
         mask = torch.from_numpy(bits >= threshold).to(x.dtype).mul_(LEVELS / (LEVELS - threshold))
         return x * mask

@@ -4,7 +4,7 @@
 window's (rows, 20 days, 28 variables, width 8) inputs, most of a TFT training step in torch's ops, which are
 memory-bound and vectorise poorly along a last dimension of 8. On a CPU, at width 8, it runs
 ``csrc/variable_mix.cpp`` instead: rows taken 16 at a time as SIMD vectors, every intermediate kept in
-registers, the backward recomputing the forward, the dropout mask hashed from each value's position and a
+cache, the backward recomputing the forward, the dropout mask hashed from each value's position and a
 seed drawn from torch's generator (never stored). That is compiled on first use by torch's cpp_extension
 (about 40 s, needs a C++ compiler; cached under ``~/.cache/torch_extensions``). Anywhere else (a GPU, another
 width, no compiler) the same sum runs in torch's ops. Both give the same values to float32 rounding and use
@@ -23,7 +23,7 @@ import torch
 from qlib.log import get_module_logger
 from torch import nn
 
-from vn30_qlib.models.dropout import LEVELS
+from vn30_qlib.models.dropout import mask_seed, mask_threshold
 
 SOURCE = Path(__file__).with_name("csrc") / "variable_mix.cpp"
 WIDTH = 8  # the only per-variable width (and GRN hidden size) the kernel is compiled for
@@ -35,13 +35,12 @@ def variable_mix(embedded: torch.Tensor, weights: torch.Tensor, grn: nn.Module) 
 
     ``grn``: the variable selection's `GatedResidualNetwork` with ``n_groups=V`` (identity skip, no context).
     """
-    if not _fused_fits(embedded, grn):
+    if not fused_fits(embedded, grn):
         return (weights.unsqueeze(-1) * grn(embedded)).sum(-2)
     n_vars, width = embedded.shape[-2:]
     dropout = grn.gate.dropout
-    threshold = round(dropout.p * LEVELS) if dropout.training else 0
-    # one draw from torch's generator, as `Dropout` makes: torch.manual_seed fixes the mask
-    seed = int(torch.randint(0, 2**63 - 1, ())) if threshold else 0
+    threshold = mask_threshold(dropout.p) if dropout.training else 0
+    seed = mask_seed() if threshold else 0
     mixed = _FusedVariableMix.apply(
         embedded.reshape(-1, n_vars, width).contiguous(), weights.reshape(-1, n_vars).contiguous(),
         grn.fc_input.weight, grn.fc_input.bias, grn.fc_hidden.weight, grn.fc_hidden.bias, grn.gate.linear.weight,
@@ -49,7 +48,8 @@ def variable_mix(embedded: torch.Tensor, weights: torch.Tensor, grn: nn.Module) 
     return mixed.reshape(*embedded.shape[:-2], width)
 
 
-def _fused_fits(embedded: torch.Tensor, grn: nn.Module) -> bool:
+def fused_fits(embedded: torch.Tensor, grn: nn.Module) -> bool:
+    """Does the kernel compute this mix (CPU, float32, width 8, the kernel built), or torch's ops?"""
     return (ENABLED and embedded.device.type == "cpu" and embedded.dtype == torch.float32
             and embedded.shape[-1] == WIDTH and grn.fc_input.weight.shape[-1] == WIDTH
             and isinstance(grn.skip, nn.Identity) and grn.fc_context is None and _kernel() is not None)
@@ -71,7 +71,7 @@ class _FusedVariableMix(torch.autograd.Function):
 
 def kernel_dropout_mask(rows: int, n_vars: int, seed: int, p: float) -> torch.Tensor:
     """The (rows, n_vars, 8) dropout mask the kernel applies for ``seed`` (1 / keep rate where kept): for tests."""
-    return _kernel().dropout_mask(rows, n_vars, WIDTH, seed, round(p * LEVELS))
+    return _kernel().dropout_mask(rows, n_vars, WIDTH, seed, mask_threshold(p))
 
 
 @lru_cache(maxsize=None)

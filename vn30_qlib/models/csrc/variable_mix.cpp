@@ -12,8 +12,10 @@
 // same mask whatever the tiling or thread count, and the backward remakes it.
 #include <torch/extension.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
