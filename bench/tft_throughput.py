@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--qrun", action="store_true", help="also time qrun tft_vn30.yaml and lgb_vn30.yaml")
     parser.add_argument("--no-pf", action="store_true", help="skip the pytorch-forecasting comparison")
     parser.add_argument("--torch-ops", action="store_true",
-                        help="also time our TFT with its variable selection in torch's ops instead of the fused kernel")
+                        help="also time our TFT with the CPU kernels off (cpu_kernels.ENABLED): all in torch's ops")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for everything (0 = every core)")
     args = parser.parse_args()
     from vn30_qlib.cpu import cpu_threads
@@ -203,13 +203,13 @@ def main() -> None:
     report["tft"]["fraction_of_matmul"] = report["tft"]["achieved_flops"] / report["matmul_flops"]
     print(json.dumps(report, indent=1), flush=True)
     if args.torch_ops:
-        from vn30_qlib.models import variable_mix
+        from vn30_qlib.models import cpu_kernels
 
-        variable_mix.ENABLED = False
+        cpu_kernels.ENABLED = False
         try:
             torch_ops = tft_epochs(data, args.epochs, args.threads)
         finally:
-            variable_mix.ENABLED = True
+            cpu_kernels.ENABLED = True
         report["tft_torch_ops"] = {"epoch_seconds": torch_ops["epoch_seconds"],
                                    "fused_epoch_ratio": epoch / min(torch_ops["epoch_seconds"])}
         print(json.dumps({"tft_torch_ops": report["tft_torch_ops"]}, indent=1), flush=True)

@@ -1,10 +1,16 @@
-"""The sequence models' dropout: the keep rate and scale of torch's, masks fixed by torch's seed, gradients."""
+"""The sequence models' dropout: the keep rate and scale of torch's, masks fixed by torch's seed, gradients,
+the same mask in bfloat16 and on any thread count, and torch's dropout where the kernels do not build."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from vn30_qlib.models.dropout import LEVELS, Dropout
+from vn30_qlib.models import cpu_kernels
+from vn30_qlib.models.dropout import LEVELS, Dropout, hashed_mask_fits
+
+hashed = pytest.mark.skipif(cpu_kernels.build() is None, reason="the CPU kernels did not build here (no C++ compiler?): "
+                            "torch's dropout stands in, whose scale and draws differ")
 
 
 def masked_ones(p: float, seed: int, shape=(1000, 1000)) -> torch.Tensor:
@@ -12,6 +18,7 @@ def masked_ones(p: float, seed: int, shape=(1000, 1000)) -> torch.Tensor:
     return Dropout(p).train()(torch.ones(shape))
 
 
+@hashed
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
 def test_keeps_one_minus_p_of_the_values_and_scales_them_to_keep_the_mean(p):
     out = masked_ones(p, seed=0)
@@ -50,3 +57,51 @@ def test_identity_in_eval_mode_and_at_zero():
     assert Dropout(0.0).train()(x) is x
     with pytest.raises(ValueError, match="dropout probability"):
         Dropout(1.0)
+
+
+def test_neighbouring_values_are_not_correlated():
+    kept = (masked_ones(0.5, seed=0) != 0).flatten().float()
+    assert abs(torch.corrcoef(torch.stack([kept[:-1], kept[1:]]))[0, 1].item()) < 0.01
+    rows = kept.view(1000, 1000)
+    assert abs(torch.corrcoef(torch.stack([rows[:-1].flatten(), rows[1:].flatten()]))[0, 1].item()) < 0.01
+
+
+@hashed
+def test_bfloat16_gets_the_float32_mask_and_keeps_its_dtype():
+    x = torch.randn(300, 70)
+    torch.manual_seed(2)
+    out = Dropout(0.2).train()(x)
+    torch.manual_seed(2)
+    out_bf16 = Dropout(0.2).train()(x.bfloat16())
+    assert out_bf16.dtype == torch.bfloat16
+    assert torch.equal(out_bf16 != 0, out != 0)
+    torch.testing.assert_close(out_bf16.float(), out, rtol=1e-2, atol=0)
+
+
+@hashed
+def test_same_mask_on_one_or_two_threads_and_for_a_transposed_input():
+    x = torch.randn(500, 300)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(4)
+            outs.append(Dropout(0.3).train()(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    torch.manual_seed(4)
+    transposed = Dropout(0.3).train()(x.t())  # not contiguous: masked in its own (row-major) order
+    assert transposed.shape == (300, 500)
+    torch.testing.assert_close(transposed[transposed != 0], (x.t()[transposed != 0] / 0.7), rtol=1e-4, atol=0)
+
+
+def test_torch_dropout_stands_in_where_the_kernels_do_not_run(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    x = torch.randn(400, 400)
+    assert not hashed_mask_fits(x)
+    torch.manual_seed(5)
+    out = Dropout(0.25).train()(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(out, F.dropout(x, 0.25, training=True))

@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vn30_qlib.models import cpu_kernels
 from vn30_qlib.models import variable_mix as vm
 from vn30_qlib.models.dropout import LEVELS
 from vn30_qlib.models.tft import GatedResidualNetwork, TemporalFusionNetwork, TFTBatch, quantile_loss
 
-pytestmark = pytest.mark.skipif(vm._kernel() is None, reason="the fused kernel did not build here (no C++ compiler?)")
+pytestmark = pytest.mark.skipif(cpu_kernels.build() is None,
+                                reason="the CPU kernels did not build here (no C++ compiler?)")
 WIDTH = vm.WIDTH
 
 
@@ -110,7 +112,7 @@ def test_network_trains_the_same_through_the_kernel_or_torch_ops(monkeypatch):
         return out.detach(), [p.grad.clone() for p in net.parameters()]
 
     fused_out, fused_grads = forecast_and_gradients()
-    monkeypatch.setattr(vm, "ENABLED", False)
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     torch_out, torch_grads = forecast_and_gradients()
     torch.testing.assert_close(fused_out, torch_out, rtol=1e-5, atol=1e-6)
     for got, want in zip(fused_grads, torch_grads):
@@ -127,15 +129,15 @@ def test_torch_ops_stand_in_where_the_kernel_does_not_apply():
 
 def test_a_kernel_that_cannot_build_leaves_the_torch_ops(monkeypatch):
     def no_compiler(**kwargs):
-        raise RuntimeError("Error building extension 'vn30_variable_mix': c++: command not found")
+        raise RuntimeError("Error building extension 'vn30_cpu_kernels': c++: command not found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    vm._kernel.cache_clear()
+    cpu_kernels.build.cache_clear()
     try:
-        assert vm._kernel() is None
+        assert cpu_kernels.build() is None
         grn = per_variable_grn(n_vars=3, dropout=0.1).eval()
         embedded, weights = inputs(10, 3)
         torch.testing.assert_close(vm.variable_mix(embedded, weights, grn),
                                    (weights.unsqueeze(-1) * grn(embedded)).sum(-2))
     finally:
-        vm._kernel.cache_clear()
+        cpu_kernels.build.cache_clear()

@@ -1,23 +1,25 @@
-"""Dropout for the sequence models, with a CPU mask three times cheaper than torch's.
+"""Dropout for the sequence models, with a CPU mask hashed from each value's position instead of drawn.
 
 On CPU, torch draws a dropout mask with ``bernoulli_`` at about 16 ns a value on this project's machine: 12 % of
-a TFT training step and 15 % of an LSTM one. This module draws the same mask from NumPy's PCG64 generator as
-16-bit integers, seeded by one draw from torch's generator, so ``torch.manual_seed`` (and a checkpoint's saved
-torch RNG state) still fixes every mask. A value is kept when its 16 bits are at least ``round(p * 65536)``,
-and kept values are scaled by the inverse of that exact keep rate, so the output's expectation is the input.
-On other devices it is ``torch.nn.functional.dropout``.
+a TFT training step and 15 % of an LSTM one. Here the C++ kernel ``csrc/dropout.cpp`` keeps the value at flat
+position i when the top 16 bits of a hash of i and a seed are at least ``round(p * 65536)``, and scales kept
+values by the inverse of that exact keep rate, so the output's expectation is the input. The seed is one draw
+from torch's generator, so ``torch.manual_seed`` (and a checkpoint's saved torch RNG state) fixes every mask; the
+backward remakes the mask from the seed, so none is stored. On other devices, other dtypes than float32 and
+bfloat16, or where the kernels do not run (`cpu_kernels.get`), it is ``torch.nn.functional.dropout``.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from vn30_qlib.models import cpu_kernels
 
 LEVELS = 1 << 16  # the mask's resolution: p is rounded to a multiple of 1 / 65536
 
 
 def mask_threshold(p: float) -> int:
-    """A value is kept when its 16 random bits are at least this: ``p`` rounded to a multiple of 1 / 65536."""
+    """A value is kept when its 16 hashed bits are at least this: ``p`` rounded to a multiple of 1 / 65536."""
     return round(p * LEVELS)
 
 
@@ -38,13 +40,25 @@ class Dropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu":
+        if not hashed_mask_fits(x):
             return F.dropout(x, self.p, training=True)
-        threshold = mask_threshold(self.p)
-        bits = np.random.default_rng(mask_seed()).integers(0, LEVELS, size=x.shape, dtype=np.uint16)
-        # one float mask holding the scale: multiplying by a bool mask and then a scalar costs 3x more (fwd + bwd)
-        mask = torch.from_numpy(bits >= threshold).to(x.dtype).mul_(LEVELS / (LEVELS - threshold))
-        return x * mask
+        return _HashedDropout.apply(x, mask_seed(), mask_threshold(self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def hashed_mask_fits(x: torch.Tensor) -> bool:
+    """Does the hashed-mask kernel apply here (a CPU float32 or bfloat16 tensor, the kernels built)?"""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.get() is not None
+
+
+class _HashedDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, seed, threshold):
+        ctx.settings = seed, threshold
+        return cpu_kernels.get().dropout(x.contiguous(), seed, threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return cpu_kernels.get().dropout(grad.contiguous(), *ctx.settings), None, None

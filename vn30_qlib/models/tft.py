@@ -46,6 +46,7 @@ from vn30_qlib.models.tft_inputs import (  # noqa: E402
 )
 from vn30_qlib.cpu import cpu_threads  # noqa: E402
 from vn30_qlib.models.dropout import Dropout  # noqa: E402
+from vn30_qlib.models.numeric_embedding import numeric_embedding  # noqa: E402
 from vn30_qlib.models.variable_mix import variable_mix  # noqa: E402
 from vn30_qlib.models.training import (  # noqa: E402
     CpuPickledModel, LoopConfig, fit_epochs, pick_device, set_seed)
@@ -130,7 +131,7 @@ class NumericEmbedding(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_vars, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unsqueeze(-1) * self.weight + self.bias
+        return numeric_embedding(x, self.weight, self.bias)
 
 
 class VariableSelectionNetwork(nn.Module):

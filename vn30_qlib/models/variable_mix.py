@@ -5,29 +5,20 @@ window's (rows, 20 days, 28 variables, width 8) inputs, most of a TFT training s
 memory-bound and vectorise poorly along a last dimension of 8. On a CPU, at width 8, it runs
 ``csrc/variable_mix.cpp`` instead: rows taken 16 at a time as SIMD vectors, every intermediate kept in
 cache, the backward recomputing the forward, the dropout mask hashed from each value's position and a
-seed drawn from torch's generator (never stored). That is compiled on first use by torch's cpp_extension
-(about 40 s, needs a C++ compiler; cached under ``~/.cache/torch_extensions``). Anywhere else (a GPU, another
+seed drawn from torch's generator (never stored). That is compiled on first use (`cpu_kernels`; about 40 s,
+needs a C++ compiler). Anywhere else (a GPU, another
 width, no compiler) the same sum runs in torch's ops. Both give the same values to float32 rounding and use
 dropout masks of the same rate (tests/test_variable_mix.py).
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import shutil
-from functools import lru_cache
-from pathlib import Path
-
 import torch
-from qlib.log import get_module_logger
 from torch import nn
 
+from vn30_qlib.models import cpu_kernels
 from vn30_qlib.models.dropout import mask_seed, mask_threshold
 
-SOURCE = Path(__file__).with_name("csrc") / "variable_mix.cpp"
 WIDTH = 8  # the only per-variable width (and GRN hidden size) the kernel is compiled for
-ENABLED = True  # tests and benchmarks set False to time or compare the torch-ops path
 
 
 def variable_mix(embedded: torch.Tensor, weights: torch.Tensor, grn: nn.Module) -> torch.Tensor:
@@ -50,9 +41,9 @@ def variable_mix(embedded: torch.Tensor, weights: torch.Tensor, grn: nn.Module) 
 
 def fused_fits(embedded: torch.Tensor, grn: nn.Module) -> bool:
     """Does the kernel compute this mix (CPU, float32, width 8, the kernel built), or torch's ops?"""
-    return (ENABLED and embedded.device.type == "cpu" and embedded.dtype == torch.float32
+    return (embedded.device.type == "cpu" and embedded.dtype == torch.float32
             and embedded.shape[-1] == WIDTH and grn.fc_input.weight.shape[-1] == WIDTH
-            and isinstance(grn.skip, nn.Identity) and grn.fc_context is None and _kernel() is not None)
+            and isinstance(grn.skip, nn.Identity) and grn.fc_context is None and cpu_kernels.get() is not None)
 
 
 class _FusedVariableMix(torch.autograd.Function):
@@ -61,44 +52,14 @@ class _FusedVariableMix(torch.autograd.Function):
         *params, eps, seed, threshold = params_and_settings
         ctx.save_for_backward(embedded, weights, *params)
         ctx.settings = eps, seed, threshold
-        return _kernel().forward(embedded, weights, *params, eps, seed, threshold)
+        return cpu_kernels.get().variable_mix_forward(embedded, weights, *params, eps, seed, threshold)
 
     @staticmethod
     def backward(ctx, grad):
-        gradients = _kernel().backward(grad.contiguous(), *ctx.saved_tensors, *ctx.settings)
+        gradients = cpu_kernels.get().variable_mix_backward(grad.contiguous(), *ctx.saved_tensors, *ctx.settings)
         return *gradients, None, None, None
 
 
 def kernel_dropout_mask(rows: int, n_vars: int, seed: int, p: float) -> torch.Tensor:
     """The (rows, n_vars, 8) dropout mask the kernel applies for ``seed`` (1 / keep rate where kept): for tests."""
-    return _kernel().dropout_mask(rows, n_vars, WIDTH, seed, mask_threshold(p))
-
-
-@lru_cache(maxsize=None)
-def _kernel():
-    """The compiled extension, or None (with one warning) where it cannot be built."""
-    from torch.utils.cpp_extension import load
-
-    try:
-        if shutil.which("ninja") is None:  # torch runs `ninja` from PATH: the pip package's, in a venv not activated
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        return load(name=f"vn30_variable_mix_{_build_kind()}", sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except Exception as error:  # no compiler, an unsupported platform: the torch-ops path still works
-        get_module_logger("TFT").warning(
-            f"the fused variable-selection kernel ({SOURCE.name}) did not build, so the TFT runs its variable "
-            f"selection in torch's ops, about 1.5x slower an epoch on CPU: {str(error).splitlines()[0]}")
-        return None
-
-
-def _build_kind() -> str:
-    """A short hash of this CPU's instruction-set flags and torch's version: ``-march=native`` code runs only on
-    CPUs like the one that compiled it, and a build links one torch; a home folder shared by different machines
-    or virtual environments keeps one build per kind."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = f"{platform.machine()} {platform.processor()}"
-    return hashlib.sha1(f"{flags} torch {torch.__version__}".encode()).hexdigest()[:10]
+    return cpu_kernels.get().variable_mix_dropout_mask(rows, n_vars, WIDTH, seed, mask_threshold(p))

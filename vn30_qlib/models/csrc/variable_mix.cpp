@@ -10,7 +10,8 @@
 // The backward recomputes the forward from its inputs, so nothing but the inputs is kept between the two.
 // The dropout mask is a hash of each value's position and a seed, made where it is used (never stored): the
 // same mask whatever the tiling or thread count, and the backward remakes it.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <cstdint>
@@ -18,13 +19,11 @@
 #include <memory>
 #include <vector>
 
-namespace {
+#include "kernels.h"
+#include "simd.h"
 
-constexpr int kLanes = 16;  // rows per tile: one AVX-512 register of floats, two AVX2 ones
-// a value of kLanes rows (GCC/Clang vector extension: vertical arithmetic, compiled to the CPU's SIMD width)
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
-typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+namespace vn30 {
+namespace {
 
 // exp(x) to about 2e-7 relative error in vector arithmetic (x = n ln2 + r, |r| <= ln2 / 2, a degree-6 Taylor
 // polynomial for exp(r), 2^n written into the exponent bits): libm's expf is one scalar call per value.
@@ -38,34 +37,6 @@ inline vf fast_exp(vf x) {
   const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
   return p * reinterpret_cast<const vf&>(bits);
 }
-
-// lowbias32 (Chris Wellons' integer hash): each output bit flips with about half of the input bits
-inline vu hash32(vu x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
-
-// Inverted dropout on the GRN's hidden values: value i of the (rows, variables, hidden) block is kept, scaled by
-// `scale`, when the top 16 bits of its hash are at least `threshold` (= round(p * 65536); 0: no dropout).
-struct DropoutMask {
-  uint32_t seed_lo, seed_hi, threshold;
-  float scale;
-
-  DropoutMask(int64_t seed, int64_t threshold_)
-      : seed_lo((uint32_t)seed), seed_hi((uint32_t)((uint64_t)seed >> 32)), threshold((uint32_t)threshold_),
-        scale(65536.f / (65536.f - (float)threshold_)) {}
-
-  bool active() const { return threshold > 0; }
-
-  vf at(vu index) const {
-    const vu bits = hash32(hash32(index ^ seed_lo) + seed_hi) >> 16;
-    return bits >= threshold ? vf{} + scale : vf{};
-  }
-};
 
 inline float sum_lanes(vf x) {
   float total = 0.f;
@@ -154,11 +125,11 @@ struct Tile {
   }
 };
 
-Params params_of(const torch::Tensor& w1, const torch::Tensor& b1, const torch::Tensor& w2, const torch::Tensor& b2,
-                 const torch::Tensor& wg, const torch::Tensor& bg, const torch::Tensor& gamma,
-                 const torch::Tensor& beta) {
+Params params_of(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                 const at::Tensor& wg, const at::Tensor& bg, const at::Tensor& gamma,
+                 const at::Tensor& beta) {
   for (const auto* t : {&w1, &b1, &w2, &b2, &wg, &bg, &gamma, &beta}) {
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kFloat && t->device().is_cpu(),
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat && t->device().is_cpu(),
                 "variable_mix: parameters must be contiguous float32 CPU tensors");
   }
   return {w1.data_ptr<float>(), b1.data_ptr<float>(), w2.data_ptr<float>(), b2.data_ptr<float>(),
@@ -286,45 +257,47 @@ void backward_vars(const float* grad_out, const float* emb, const float* weights
   });
 }
 
-void check_inputs(const torch::Tensor& emb, const torch::Tensor& weights, const torch::Tensor& w1) {
-  TORCH_CHECK(emb.dim() == 3 && emb.is_contiguous() && emb.scalar_type() == torch::kFloat && emb.device().is_cpu(),
+void check_inputs(const at::Tensor& emb, const at::Tensor& weights, const at::Tensor& w1) {
+  TORCH_CHECK(emb.dim() == 3 && emb.is_contiguous() && emb.scalar_type() == at::kFloat && emb.device().is_cpu(),
               "variable_mix: embedded must be a contiguous float32 CPU tensor (rows, variables, width)");
   TORCH_CHECK(weights.sizes() == emb.sizes().slice(0, 2) && weights.is_contiguous() &&
-                  weights.scalar_type() == torch::kFloat,
+                  weights.scalar_type() == at::kFloat,
               "variable_mix: weights must be contiguous float32 (rows, variables)");
   TORCH_CHECK(w1.dim() == 3 && w1.size(0) == emb.size(1) && w1.size(1) == emb.size(2),
               "variable_mix: W1 must be (variables, width, hidden)");
   TORCH_CHECK(emb.size(2) == 8 && w1.size(2) == 8, "variable_mix: only width 8 and hidden 8 are compiled");
 }
 
+}  // namespace
+
 // (rows, width): the weighted mix. dropout_threshold 0: no dropout (evaluation).
-torch::Tensor forward(const torch::Tensor& emb, const torch::Tensor& weights, const torch::Tensor& w1,
-                      const torch::Tensor& b1, const torch::Tensor& w2, const torch::Tensor& b2,
-                      const torch::Tensor& wg, const torch::Tensor& bg, const torch::Tensor& gamma,
-                      const torch::Tensor& beta, double eps, int64_t dropout_seed, int64_t dropout_threshold) {
+at::Tensor variable_mix_forward(const at::Tensor& emb, const at::Tensor& weights, const at::Tensor& w1,
+                                const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& wg,
+                                const at::Tensor& bg, const at::Tensor& gamma, const at::Tensor& beta, double eps,
+                                int64_t dropout_seed, int64_t dropout_threshold) {
   check_inputs(emb, weights, w1);
   const auto p = params_of(w1, b1, w2, b2, wg, bg, gamma, beta);
-  auto out = torch::empty({emb.size(0), emb.size(2)}, emb.options());
+  auto out = at::empty({emb.size(0), emb.size(2)}, emb.options());
   forward_rows<8, 8>(emb.data_ptr<float>(), weights.data_ptr<float>(), DropoutMask(dropout_seed, dropout_threshold),
                      p, out.data_ptr<float>(), emb.size(0), (int)emb.size(1), (float)eps);
   return out;
 }
 
 // The gradients of embedded, weights and the ten parameters, for the gradient of the mix.
-std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::Tensor& emb,
-                                    const torch::Tensor& weights, const torch::Tensor& w1, const torch::Tensor& b1,
-                                    const torch::Tensor& w2, const torch::Tensor& b2, const torch::Tensor& wg,
-                                    const torch::Tensor& bg, const torch::Tensor& gamma, const torch::Tensor& beta,
-                                    double eps, int64_t dropout_seed, int64_t dropout_threshold) {
+std::vector<at::Tensor> variable_mix_backward(const at::Tensor& grad_out, const at::Tensor& emb,
+                                              const at::Tensor& weights, const at::Tensor& w1, const at::Tensor& b1,
+                                              const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& wg,
+                                              const at::Tensor& bg, const at::Tensor& gamma, const at::Tensor& beta,
+                                              double eps, int64_t dropout_seed, int64_t dropout_threshold) {
   check_inputs(emb, weights, w1);
-  TORCH_CHECK(grad_out.is_contiguous() && grad_out.sizes() == torch::IntArrayRef({emb.size(0), emb.size(2)}),
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.sizes() == at::IntArrayRef({emb.size(0), emb.size(2)}),
               "variable_mix: grad_out must be contiguous (rows, width)");
   const auto p = params_of(w1, b1, w2, b2, wg, bg, gamma, beta);
   const int n_vars = (int)emb.size(1), d = (int)emb.size(2);
-  auto g_emb = torch::empty_like(emb), g_weights = torch::empty_like(weights);
-  auto g_w1 = torch::empty_like(w1), g_b1 = torch::empty_like(b1), g_w2 = torch::empty_like(w2);
-  auto g_b2 = torch::empty_like(b2), g_wg = torch::empty_like(wg), g_bg = torch::empty_like(bg);
-  auto g_gamma_v = torch::empty({n_vars, d}, emb.options()), g_beta_v = torch::empty({n_vars, d}, emb.options());
+  auto g_emb = at::empty_like(emb), g_weights = at::empty_like(weights);
+  auto g_w1 = at::empty_like(w1), g_b1 = at::empty_like(b1), g_w2 = at::empty_like(w2);
+  auto g_b2 = at::empty_like(b2), g_wg = at::empty_like(wg), g_bg = at::empty_like(bg);
+  auto g_gamma_v = at::empty({n_vars, d}, emb.options()), g_beta_v = at::empty({n_vars, d}, emb.options());
   const ParamGrads grads{g_w1.data_ptr<float>(), g_b1.data_ptr<float>(), g_w2.data_ptr<float>(),
                          g_b2.data_ptr<float>(), g_wg.data_ptr<float>(), g_bg.data_ptr<float>(),
                          g_gamma_v.data_ptr<float>(), g_beta_v.data_ptr<float>()};
@@ -336,10 +309,10 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::
 }
 
 // The dropout mask forward and backward apply, as a (rows, variables, hidden) tensor: for tests.
-torch::Tensor dropout_mask(int64_t rows, int64_t n_vars, int64_t hidden, int64_t dropout_seed,
-                           int64_t dropout_threshold) {
+at::Tensor variable_mix_dropout_mask(int64_t rows, int64_t n_vars, int64_t hidden, int64_t dropout_seed,
+                                     int64_t dropout_threshold) {
   TORCH_CHECK(hidden == 8, "variable_mix: only hidden 8 is compiled");
-  auto mask = torch::empty({rows, n_vars, hidden}, torch::kFloat);
+  auto mask = at::empty({rows, n_vars, hidden}, at::kFloat);
   const DropoutMask dropout(dropout_seed, dropout_threshold);
   float* out = mask.data_ptr<float>();
   for (int64_t r0 = 0; r0 < rows; r0 += kLanes)
@@ -354,10 +327,4 @@ torch::Tensor dropout_mask(int64_t rows, int64_t n_vars, int64_t hidden, int64_t
   return mask;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "variable_mix forward");
-  m.def("backward", &backward, "variable_mix backward");
-  m.def("dropout_mask", &dropout_mask, "the dropout mask of a seed and threshold");
-}
+}  // namespace vn30

@@ -1,0 +1,53 @@
+"""The TFT's numeric embedding kernel equals torch's broadcasting ops, values and gradients, on any thread count."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vn30_qlib.models import cpu_kernels
+from vn30_qlib.models.numeric_embedding import numeric_embedding
+
+pytestmark = pytest.mark.skipif(cpu_kernels.build() is None,
+                                reason="the CPU kernels did not build here (no C++ compiler?)")
+
+
+def leaves(shape, n_vars=7, width=8):
+    torch.manual_seed(0)
+    return (torch.randn(*shape, n_vars, requires_grad=True), torch.randn(n_vars, width, requires_grad=True),
+            torch.randn(n_vars, width, requires_grad=True))
+
+
+@pytest.mark.parametrize("shape", [(37,), (3, 300)])  # 900 rows: four blocks of 256, the last one partial
+def test_values_and_gradients_equal_torch_ops(shape):
+    x, weight, bias = leaves(shape)
+    out = numeric_embedding(x, weight, bias)
+    expected = x.unsqueeze(-1) * weight + bias
+    assert out.shape == (*shape, 7, 8)
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn_like(expected)
+    for got, want in zip(torch.autograd.grad(out, [x, weight, bias], grad_out),
+                         torch.autograd.grad(expected, [x, weight, bias], grad_out)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_same_gradients_bit_for_bit_with_one_or_two_threads():
+    x, weight, bias = leaves((2000,))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = numeric_embedding(x, weight, bias)
+            results.append([out, *torch.autograd.grad(out.square().sum(), [x, weight, bias])])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def test_torch_ops_stand_in_where_the_kernels_do_not_run(monkeypatch):
+    x, weight, bias = leaves((50,))
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    out = numeric_embedding(x, weight, bias)
+    assert out.grad_fn.name() == "AddBackward0"
+    torch.testing.assert_close(out, x.unsqueeze(-1) * weight + bias)

@@ -1,0 +1,13 @@
+// The Python module of the CPU kernels (built by vn30_qlib/models/cpu_kernels.py).
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("variable_mix_forward", &vn30::variable_mix_forward, "the variable selection's GRNs and weighted mix");
+  m.def("variable_mix_backward", &vn30::variable_mix_backward, "their gradients");
+  m.def("variable_mix_dropout_mask", &vn30::variable_mix_dropout_mask, "the mix's dropout mask, for tests");
+  m.def("numeric_embedding_forward", &vn30::numeric_embedding_forward, "x[n, v] * w[v, :] + b[v, :]");
+  m.def("numeric_embedding_backward", &vn30::numeric_embedding_backward, "its gradients of x, w and b");
+  m.def("dropout", &vn30::dropout, "x times the hashed dropout mask of a seed and threshold");
+}

@@ -1,0 +1,31 @@
+// The functions the CPU kernels export to Python (bindings.cpp): one source file per kernel.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace vn30 {
+
+// variable_mix.cpp: the TFT variable selection's per-variable GRNs and weighted mix
+at::Tensor variable_mix_forward(const at::Tensor& emb, const at::Tensor& weights, const at::Tensor& w1,
+                                const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& wg,
+                                const at::Tensor& bg, const at::Tensor& gamma, const at::Tensor& beta, double eps,
+                                int64_t dropout_seed, int64_t dropout_threshold);
+std::vector<at::Tensor> variable_mix_backward(const at::Tensor& grad_out, const at::Tensor& emb,
+                                              const at::Tensor& weights, const at::Tensor& w1, const at::Tensor& b1,
+                                              const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& wg,
+                                              const at::Tensor& bg, const at::Tensor& gamma, const at::Tensor& beta,
+                                              double eps, int64_t dropout_seed, int64_t dropout_threshold);
+at::Tensor variable_mix_dropout_mask(int64_t rows, int64_t n_vars, int64_t hidden, int64_t dropout_seed,
+                                     int64_t dropout_threshold);
+
+// numeric_embedding.cpp: x[n, v] * w[v, :] + b[v, :] and its gradients (x, w, b)
+at::Tensor numeric_embedding_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+std::vector<at::Tensor> numeric_embedding_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w);
+
+// dropout.cpp: x times a hashed dropout mask (forward and backward alike)
+at::Tensor dropout(const at::Tensor& x, int64_t dropout_seed, int64_t dropout_threshold);
+
+}  // namespace vn30

@@ -1,0 +1,43 @@
+// Shared by the CPU kernels: float and integer vectors of kLanes values, and the hashed dropout mask.
+#pragma once
+
+#include <cstdint>
+
+namespace vn30 {
+
+constexpr int kLanes = 16;  // rows per tile: one AVX-512 register of floats, two AVX2 ones
+// a value of kLanes rows (GCC/Clang vector extension: vertical arithmetic, compiled to the CPU's SIMD width)
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// lowbias32 (Chris Wellons' integer hash): each output bit flips with about half of the input bits
+inline vu hash32(vu x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+// Inverted dropout whose mask is made, never stored: the value at position i (each kernel says how it numbers its
+// values) is kept, scaled by `scale`, when the top 16 bits of the hash of i and the seed are at least `threshold`
+// (= round(p * 65536); 0: no dropout). The same mask whatever the tiling or thread count; a backward remakes it.
+struct DropoutMask {
+  uint32_t seed_lo, seed_hi, threshold;
+  float scale;
+
+  DropoutMask(int64_t seed, int64_t threshold_)
+      : seed_lo((uint32_t)seed), seed_hi((uint32_t)((uint64_t)seed >> 32)), threshold((uint32_t)threshold_),
+        scale(65536.f / (65536.f - (float)threshold_)) {}
+
+  bool active() const { return threshold > 0; }
+
+  vf at(vu index) const {
+    const vu bits = hash32(hash32(index ^ seed_lo) + seed_hi) >> 16;
+    return bits >= threshold ? vf{} + scale : vf{};
+  }
+};
+
+}  // namespace vn30
