@@ -51,16 +51,17 @@ def step_flops(module, batch, quantiles: torch.Tensor) -> float:
 
 def mix_forward_flops(module, batch) -> float:
     """Forward FLOPs of the fused variable-selection kernel, which the counter cannot see: the per-variable linear
-    maps (D -> H -> H -> 2D, H = D) over every (row, step, variable) of the three variable selections; its
-    recomputed forward is not counted. 0 where the torch ops run instead (the counter sees those)."""
+    maps (D -> H -> H -> 2D, H = D) over every (row, step, variable) of the past and future variable selections;
+    its recomputed forward is not counted. 0 where the torch ops run instead (the counter sees those)."""
     from vn30_qlib.models.variable_mix import fused_fits
 
-    d = module.past_embedding.weight.shape[-1]
-    if not fused_fits(module.past_embedding(batch.past[:1]), module.past_selection.transform):
+    selection = module.past_selection
+    if not fused_fits(batch.past[:1], selection.embedding, selection.transform):
         return 0.0
+    d = selection.embedding.weight.shape[-1]
     rows, steps, n_past = batch.past.shape
     horizons, n_future = batch.future.shape[1:]
-    return 2 * (d * d + d * d + d * 2 * d) * rows * (steps * n_past + horizons * n_future + batch.static.shape[1])
+    return 2 * (d * d + d * d + d * 2 * d) * rows * (steps * n_past + horizons * n_future)
 
 
 def tft_epochs(data, epochs: int, threads: int) -> dict:

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from vn30_qlib.models import cpu_kernels
 from vn30_qlib.models.dropout import LEVELS, Dropout, hashed_mask_fits
 
-hashed = pytest.mark.skipif(cpu_kernels.build() is None, reason="the CPU kernels did not build here (no C++ compiler?): "
-                            "torch's dropout stands in, whose scale and draws differ")
+hashed = pytest.mark.skipif(cpu_kernels.build() is None,
+                            reason="the CPU kernels did not build here (no C++ compiler?): torch's dropout stands in, "
+                                   "whose scale and draws differ")
 
 
 def masked_ones(p: float, seed: int, shape=(1000, 1000)) -> torch.Tensor:

@@ -41,8 +41,14 @@ def test_module_shapes_and_weights_sum_to_one():
     assert per_variable(torch.randn(batch, steps, 4, 2)).shape == (batch, steps, 4, 5)
 
     vsn = VariableSelectionNetwork(n_vars=6, variable_size=3, hidden_size=hidden, context_size=4)
-    selected, weights = vsn(torch.randn(batch, steps, 6, 3), torch.randn(batch, 1, 4))
+    selected, weights = vsn(torch.randn(batch, steps, 6), torch.randn(batch, 1, 4))
     assert selected.shape == (batch, steps, hidden) and weights.shape == (batch, steps, 6)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(batch, steps))
+    with pytest.raises(ValueError, match=r"\(\.\.\., 6\) values"):
+        vsn(torch.randn(batch, steps, 6, 3))
+    embedded_vsn = VariableSelectionNetwork(n_vars=6, variable_size=3, hidden_size=hidden, numeric=False)
+    selected, weights = embedded_vsn(torch.randn(batch, steps, 6, 3))
+    assert selected.shape == (batch, steps, hidden)
     torch.testing.assert_close(weights.sum(-1), torch.ones(batch, steps))
 
     contexts, static_weights = StaticCovariateEncoder([31, 9], variable_size=3, hidden_size=hidden)(

@@ -1,6 +1,6 @@
-"""The fused CPU kernel of the TFT's variable selection gives what torch's ops give: the same mix and the same
-gradients for every input and parameter (dropout included, with the kernel's mask), deterministic whatever the
-thread count, with a dropout mask of the asked rate that the seed fixes."""
+"""The fused CPU kernel of the TFT's numeric variable selection gives what torch's ops give: the same mix and
+the same gradients for every input and parameter, the embedding's included (dropout too, with the kernel's
+mask), deterministic whatever the thread count, with a dropout mask of the asked rate that the seed fixes."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from vn30_qlib.models import cpu_kernels
 from vn30_qlib.models import variable_mix as vm
 from vn30_qlib.models.dropout import LEVELS
-from vn30_qlib.models.tft import GatedResidualNetwork, TemporalFusionNetwork, TFTBatch, quantile_loss
+from vn30_qlib.models.tft import (
+    GatedResidualNetwork, NumericEmbedding, TemporalFusionNetwork, TFTBatch, quantile_loss)
 
 pytestmark = pytest.mark.skipif(cpu_kernels.build() is None,
                                 reason="the CPU kernels did not build here (no C++ compiler?)")
@@ -26,6 +27,11 @@ def per_variable_grn(n_vars: int, dropout: float) -> GatedResidualNetwork:
     return grn
 
 
+def embed(values, embedding):
+    """The numeric embedding in torch's ops."""
+    return values.unsqueeze(-1) * embedding.weight + embedding.bias
+
+
 def torch_mix(embedded, weights, grn, mask):
     """The mix in torch's ops, with a given dropout mask in place of the GLU's own."""
     hidden = grn.fc_hidden(F.elu(grn.fc_input(embedded))) * mask
@@ -33,24 +39,29 @@ def torch_mix(embedded, weights, grn, mask):
 
 
 def inputs(rows: int, n_vars: int):
+    """values (rows, V), their embedding, and mix weights (rows, V)."""
     torch.manual_seed(1)
-    embedded = torch.randn(rows, n_vars, WIDTH, requires_grad=True)
+    values = torch.randn(rows, n_vars, requires_grad=True)
+    embedding = NumericEmbedding(n_vars, WIDTH)
+    with torch.no_grad():
+        embedding.bias.normal_()
     weights = torch.softmax(torch.randn(rows, n_vars), dim=-1).requires_grad_()
-    return embedded, weights
+    return values, embedding, weights
 
 
 @pytest.mark.parametrize("rows", [37, 1024])  # 37: a last tile of 5 rows in the kernel's tiles of 16
 def test_mix_and_gradients_equal_torch_ops_with_the_kernels_dropout_mask(rows):
     grn = per_variable_grn(n_vars=5, dropout=0.3).train()
-    embedded, weights = inputs(rows, 5)
+    values, embedding, weights = inputs(rows, 5)
+    embedded = embed(values, embedding)
     torch.manual_seed(7)
-    fused = vm.variable_mix(embedded, weights, grn)
+    fused = vm.variable_mix(embedded, weights, grn, values, embedding)
     torch.manual_seed(7)  # the kernel's seed is the first draw after this
     mask = vm.kernel_dropout_mask(rows, 5, int(torch.randint(0, 2**63 - 1, ())), 0.3)
     expected = torch_mix(embedded, weights, grn, mask)
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
-    leaves = [embedded, weights, *grn.parameters()]
+    leaves = [values, weights, *embedding.parameters(), *grn.parameters()]
     grad_out = torch.randn(rows, WIDTH)
     for got, want, leaf in zip(torch.autograd.grad(fused, leaves, grad_out),
                                torch.autograd.grad(expected, leaves, grad_out), leaves):
@@ -60,9 +71,11 @@ def test_mix_and_gradients_equal_torch_ops_with_the_kernels_dropout_mask(rows):
 
 def test_evaluation_uses_no_dropout_and_equals_the_grn_module():
     grn = per_variable_grn(n_vars=7, dropout=0.3).eval()
-    embedded, weights = inputs(100, 7)
+    values, embedding, weights = inputs(100, 7)
+    embedded = embed(values, embedding)
     expected = (weights.unsqueeze(-1) * grn(embedded)).sum(-2)
-    torch.testing.assert_close(vm.variable_mix(embedded, weights, grn), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vm.variable_mix(embedded, weights, grn, values, embedding), expected, rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_dropout_mask_keeps_one_minus_p_scaled_and_is_fixed_by_its_seed():
@@ -83,15 +96,16 @@ def test_dropout_mask_keeps_one_minus_p_scaled_and_is_fixed_by_its_seed():
 
 def test_same_result_bit_for_bit_with_one_or_two_threads():
     grn = per_variable_grn(n_vars=6, dropout=0.1).train()
-    embedded, weights = inputs(500, 6)
+    values, embedding, weights = inputs(500, 6)
     threads = torch.get_num_threads()
     results = []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
             torch.manual_seed(3)
-            out = vm.variable_mix(embedded, weights, grn)
-            results.append([out, *torch.autograd.grad(out.square().sum(), [embedded, weights, *grn.parameters()])])
+            out = vm.variable_mix(embed(values, embedding), weights, grn, values, embedding)
+            leaves = [values, weights, *embedding.parameters(), *grn.parameters()]
+            results.append([out, *torch.autograd.grad(out.square().sum(), leaves)])
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results):
@@ -120,11 +134,14 @@ def test_network_trains_the_same_through_the_kernel_or_torch_ops(monkeypatch):
 
 
 def test_torch_ops_stand_in_where_the_kernel_does_not_apply():
-    """Another width, or no kernel: the mix still runs, in torch's ops."""
+    """Another width, or categorical inputs (no values): the mix still runs, in torch's ops."""
     torch.manual_seed(0)
     grn = GatedResidualNetwork(4, 4, 4, n_groups=3).eval()
-    embedded, weights = torch.randn(10, 3, 4), torch.softmax(torch.randn(10, 3), -1)
-    torch.testing.assert_close(vm.variable_mix(embedded, weights, grn), (weights.unsqueeze(-1) * grn(embedded)).sum(-2))
+    values, embedding = torch.randn(10, 3), NumericEmbedding(3, 4)
+    embedded, weights = embed(values, embedding), torch.softmax(torch.randn(10, 3), -1)
+    expected = (weights.unsqueeze(-1) * grn(embedded)).sum(-2)
+    torch.testing.assert_close(vm.variable_mix(embedded, weights, grn, values, embedding), expected)
+    torch.testing.assert_close(vm.variable_mix(embedded, weights, grn), expected)
 
 
 def test_a_kernel_that_cannot_build_leaves_the_torch_ops(monkeypatch):
@@ -136,8 +153,9 @@ def test_a_kernel_that_cannot_build_leaves_the_torch_ops(monkeypatch):
     try:
         assert cpu_kernels.build() is None
         grn = per_variable_grn(n_vars=3, dropout=0.1).eval()
-        embedded, weights = inputs(10, 3)
-        torch.testing.assert_close(vm.variable_mix(embedded, weights, grn),
+        values, embedding, weights = inputs(10, 3)
+        embedded = embed(values, embedding)
+        torch.testing.assert_close(vm.variable_mix(embedded, weights, grn, values, embedding),
                                    (weights.unsqueeze(-1) * grn(embedded)).sum(-2))
     finally:
         cpu_kernels.build.cache_clear()

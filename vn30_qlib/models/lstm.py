@@ -22,7 +22,7 @@ from qlib.model.base import Model
 from vn30_qlib.cpu import cpu_threads
 from vn30_qlib.models.dropout import Dropout
 from vn30_qlib.models.training import (
-    CpuPickledModel, LoopConfig, daily_ic, fit_epochs, native_bf16, pick_device, require_cross_sections,
+    CpuPickledModel, LoopConfig, adam, daily_ic, fit_epochs, native_bf16, pick_device, require_cross_sections,
     set_seed)
 from vn30_qlib.models.windows import SequenceWindows
 
@@ -131,7 +131,7 @@ class LSTM(CpuPickledModel, Model):
         if self.loss == "ic":
             require_cross_sections(train.days, "loss='ic'")
         self.module = self._build_module().to(device)
-        optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr)
+        optimizer = adam(self.module, self.lr)
 
         def train_batches():
             for rows in train.batches(self.batch_size, by_day=self.loss == "ic"):

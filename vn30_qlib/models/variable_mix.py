@@ -1,14 +1,15 @@
-"""The TFT variable selection's per-variable GRNs and weighted mix, as one fused CPU kernel.
+"""The TFT variable selection's numeric embedding, per-variable GRNs and weighted mix, as one fused CPU kernel.
 
-``variable_mix(embedded, weights, grn)`` is sum_v weights[..., v] * GRN_v(embedded[..., v, :]): over the past
-window's (rows, 20 days, 28 variables, width 8) inputs, most of a TFT training step in torch's ops, which are
-memory-bound and vectorise poorly along a last dimension of 8. On a CPU, at width 8, it runs
-``csrc/variable_mix.cpp`` instead: rows taken 16 at a time as SIMD vectors, every intermediate kept in
-cache, the backward recomputing the forward, the dropout mask hashed from each value's position and a
-seed drawn from torch's generator (never stored). That is compiled on first use (`cpu_kernels`; about 40 s,
-needs a C++ compiler). Anywhere else (a GPU, another
-width, no compiler) the same sum runs in torch's ops. Both give the same values to float32 rounding and use
-dropout masks of the same rate (tests/test_variable_mix.py).
+``variable_mix(embedded, weights, grn, values, embedding)`` is sum_v weights[..., v] * GRN_v(embedded[..., v, :]),
+where ``embedded = embedding(values)``: over the past window's (rows, 20 days, 28 variables, width 8) inputs,
+most of a TFT training step in torch's ops, which are memory-bound and vectorise poorly along a last dimension
+of 8. On a CPU, at width 8, it runs ``csrc/variable_mix.cpp`` instead: it reads ``values`` and embeds them
+itself (one number per row and variable instead of eight), takes rows 16 at a time as SIMD vectors, keeps every
+intermediate in cache, recomputes the forward in the backward, and hashes the dropout mask from each value's
+position and a seed drawn from torch's generator (never stored). It is compiled on first use (`cpu_kernels`;
+about 40 s, needs a C++ compiler). Anywhere else (a GPU, another width, categorical inputs, no compiler) the
+same sum runs in torch's ops on ``embedded``. Both give the same values to float32 rounding and use dropout
+masks of the same rate (tests/test_variable_mix.py).
 """
 from __future__ import annotations
 
@@ -21,38 +22,41 @@ from vn30_qlib.models.dropout import mask_seed, mask_threshold
 WIDTH = 8  # the only per-variable width (and GRN hidden size) the kernel is compiled for
 
 
-def variable_mix(embedded: torch.Tensor, weights: torch.Tensor, grn: nn.Module) -> torch.Tensor:
-    """(..., V, D) inputs and (..., V) weights -> (..., D): the weighted sum of the per-variable GRN outputs.
+def variable_mix(embedded: torch.Tensor, weights: torch.Tensor, grn: nn.Module, values: torch.Tensor | None = None,
+                 embedding: nn.Module | None = None) -> torch.Tensor:
+    """(..., V, D) embedded inputs and (..., V) weights -> (..., D): the weighted sum of the per-variable GRN outputs.
 
     ``grn``: the variable selection's `GatedResidualNetwork` with ``n_groups=V`` (identity skip, no context).
+    ``values`` (..., V) and ``embedding`` (`NumericEmbedding`): where ``embedded = embedding(values)``, the kernel
+    reads those instead; without them (categorical inputs) the mix runs in torch's ops.
     """
-    if not fused_fits(embedded, grn):
+    if values is None or not fused_fits(values, embedding, grn):
         return (weights.unsqueeze(-1) * grn(embedded)).sum(-2)
-    n_vars, width = embedded.shape[-2:]
+    n_vars = values.shape[-1]
     dropout = grn.gate.dropout
     threshold = mask_threshold(dropout.p) if dropout.training else 0
     seed = mask_seed() if threshold else 0
     mixed = _FusedVariableMix.apply(
-        embedded.reshape(-1, n_vars, width).contiguous(), weights.reshape(-1, n_vars).contiguous(),
-        grn.fc_input.weight, grn.fc_input.bias, grn.fc_hidden.weight, grn.fc_hidden.bias, grn.gate.linear.weight,
-        grn.gate.linear.bias, grn.norm.weight, grn.norm.bias, grn.norm.eps, seed, threshold)
-    return mixed.reshape(*embedded.shape[:-2], width)
+        values.reshape(-1, n_vars).contiguous(), weights.reshape(-1, n_vars).contiguous(), embedding.weight,
+        embedding.bias, grn.fc_input.weight, grn.fc_input.bias, grn.fc_hidden.weight, grn.fc_hidden.bias,
+        grn.gate.linear.weight, grn.gate.linear.bias, grn.norm.weight, grn.norm.bias, grn.norm.eps, seed, threshold)
+    return mixed.reshape(*values.shape[:-1], WIDTH)
 
 
-def fused_fits(embedded: torch.Tensor, grn: nn.Module) -> bool:
-    """Does the kernel compute this mix (CPU, float32, width 8, the kernel built), or torch's ops?"""
-    return (embedded.device.type == "cpu" and embedded.dtype == torch.float32
-            and embedded.shape[-1] == WIDTH and grn.fc_input.weight.shape[-1] == WIDTH
+def fused_fits(values: torch.Tensor, embedding: nn.Module, grn: nn.Module) -> bool:
+    """Does the kernel compute this mix (CPU, float32, width 8, the kernels running), or torch's ops?"""
+    return (values.device.type == "cpu" and values.dtype == torch.float32
+            and embedding.weight.shape[-1] == WIDTH and grn.fc_input.weight.shape[-1] == WIDTH
             and isinstance(grn.skip, nn.Identity) and grn.fc_context is None and cpu_kernels.get() is not None)
 
 
 class _FusedVariableMix(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, embedded, weights, *params_and_settings):
+    def forward(ctx, values, weights, *params_and_settings):
         *params, eps, seed, threshold = params_and_settings
-        ctx.save_for_backward(embedded, weights, *params)
+        ctx.save_for_backward(values, weights, *params)
         ctx.settings = eps, seed, threshold
-        return cpu_kernels.get().variable_mix_forward(embedded, weights, *params, eps, seed, threshold)
+        return cpu_kernels.get().variable_mix_forward(values, weights, *params, eps, seed, threshold)
 
     @staticmethod
     def backward(ctx, grad):

@@ -8,16 +8,18 @@
 
 namespace vn30 {
 
-// variable_mix.cpp: the TFT variable selection's per-variable GRNs and weighted mix
-at::Tensor variable_mix_forward(const at::Tensor& emb, const at::Tensor& weights, const at::Tensor& w1,
-                                const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& wg,
+// variable_mix.cpp: the TFT variable selection's numeric embedding, per-variable GRNs and weighted mix
+at::Tensor variable_mix_forward(const at::Tensor& values, const at::Tensor& weights, const at::Tensor& ew,
+                                const at::Tensor& eb, const at::Tensor& w1, const at::Tensor& b1,
+                                const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& wg,
                                 const at::Tensor& bg, const at::Tensor& gamma, const at::Tensor& beta, double eps,
                                 int64_t dropout_seed, int64_t dropout_threshold);
-std::vector<at::Tensor> variable_mix_backward(const at::Tensor& grad_out, const at::Tensor& emb,
-                                              const at::Tensor& weights, const at::Tensor& w1, const at::Tensor& b1,
-                                              const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& wg,
-                                              const at::Tensor& bg, const at::Tensor& gamma, const at::Tensor& beta,
-                                              double eps, int64_t dropout_seed, int64_t dropout_threshold);
+std::vector<at::Tensor> variable_mix_backward(const at::Tensor& grad_out, const at::Tensor& values,
+                                              const at::Tensor& weights, const at::Tensor& ew, const at::Tensor& eb,
+                                              const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                              const at::Tensor& b2, const at::Tensor& wg, const at::Tensor& bg,
+                                              const at::Tensor& gamma, const at::Tensor& beta, double eps,
+                                              int64_t dropout_seed, int64_t dropout_threshold);
 at::Tensor variable_mix_dropout_mask(int64_t rows, int64_t n_vars, int64_t hidden, int64_t dropout_seed,
                                      int64_t dropout_threshold);
 

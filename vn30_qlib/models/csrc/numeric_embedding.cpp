@@ -19,7 +19,7 @@ void check(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "numeric_embedding: x must be a contiguous float32 CPU tensor (rows, variables)");
   TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(1) && w.is_contiguous() && w.scalar_type() == at::kFloat,
-              "numeric_embedding: weight must be contiguous float32 (variables, width)");
+              "numeric_embedding: weight must be contiguous float32 (variables, width), as many variables as x");
 }
 
 }  // namespace
