@@ -2,6 +2,7 @@
 
 - ``variable_mix_*``: the TFT variable selection's per-variable GRNs and weighted mix (`variable_mix`);
 - ``numeric_embedding_*``: the TFT's numeric embedding x[..., v] * w[v] + b[v] (`numeric_embedding`);
+- ``glu_*``: the gated linear unit a * sigmoid(b) (`glu`);
 - ``dropout``: x times a dropout mask hashed from each value's position and a seed (`dropout.Dropout`).
 
 The first call compiles them (about 40 s with 2 cores; needs a C++ compiler) into ``~/.cache/torch_extensions``,

@@ -47,6 +47,7 @@ from vn30_qlib.models.tft_inputs import (  # noqa: E402
 )
 from vn30_qlib.cpu import cpu_threads  # noqa: E402
 from vn30_qlib.models.dropout import Dropout  # noqa: E402
+from vn30_qlib.models.glu import glu  # noqa: E402
 from vn30_qlib.models.numeric_embedding import numeric_embedding  # noqa: E402
 from vn30_qlib.models.variable_mix import variable_mix  # noqa: E402
 from vn30_qlib.models.training import (  # noqa: E402
@@ -83,7 +84,7 @@ class GatedLinearUnit(nn.Module):
         self.linear = _linear(input_size, 2 * output_size, n_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.glu(self.linear(self.dropout(x)), dim=-1)
+        return glu(self.linear(self.dropout(x)))
 
 
 class GateAddNorm(nn.Module):

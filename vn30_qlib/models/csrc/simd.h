@@ -1,4 +1,5 @@
-// Shared by the CPU kernels: float and integer vectors of kLanes values, and the hashed dropout mask.
+// Shared by the CPU kernels: float and integer vectors of kLanes values, a vector exp, and the hashed dropout
+// mask.
 #pragma once
 
 #include <cstdint>
@@ -10,6 +11,19 @@ constexpr int kLanes = 16;  // rows per tile: one AVX-512 register of floats, tw
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// exp(x) to about 2e-7 relative error in vector arithmetic (x = n ln2 + r, |r| <= ln2 / 2, a degree-6 Taylor
+// polynomial for exp(r), 2^n written into the exponent bits): libm's expf is one scalar call per value.
+inline vf fast_exp(vf x) {
+  x = x < -87.f ? -87.f : x;
+  x = x > 88.f ? 88.f : x;
+  const vf n = (x * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest: 12582912 = 1.5 * 2^23
+  const vf r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  const vf p =
+      1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * reinterpret_cast<const vf&>(bits);
+}
 
 // lowbias32 (Chris Wellons' integer hash): each output bit flips with about half of the input bits
 inline vu hash32(vu x) {
