@@ -1,4 +1,5 @@
-"""The GLU kernel equals torch's F.glu, values and gradients, at widths that are and are not a multiple of 16."""
+"""The gate kernel (residual + GLU(x + bias)) equals torch's ops, values and gradients, at widths that are and are
+not a multiple of 16."""
 from __future__ import annotations
 
 import pytest
@@ -13,21 +14,25 @@ pytestmark = pytest.mark.skipif(cpu_kernels.build() is None,
 
 
 @pytest.mark.parametrize("shape", [(300, 128), (7, 21, 56), (5, 2), (3, 0, 8)])
-def test_values_and_gradient_equal_torch_glu(shape):
+def test_values_and_gradients_equal_torch_ops(shape):
     torch.manual_seed(0)
     x = (torch.randn(shape) * 4).requires_grad_()  # sigmoids far into both tails too
-    out, expected = glu(x), F.glu(x, dim=-1)
+    bias = torch.randn(shape[-1], requires_grad=True)
+    residual = torch.randn(*shape[:-1], shape[-1] // 2, requires_grad=True)
+    out, expected = glu(x, bias, residual), F.glu(x + bias, dim=-1) + residual
     assert out.grad_fn.name() == "_GLUBackward"
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     grad = torch.randn_like(expected)
-    (got,), (want,) = torch.autograd.grad(out, x, grad), torch.autograd.grad(expected, x, grad)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(out, [x, bias, residual], grad),
+                         torch.autograd.grad(expected, [x, bias, residual], grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(glu(x), F.glu(x, dim=-1), rtol=1e-6, atol=1e-6)  # no bias, no residual
 
 
 def test_an_odd_width_is_refused_and_torch_stands_in_where_the_kernels_do_not_run(monkeypatch):
     with pytest.raises(RuntimeError, match="last dimension must be even"):
         glu(torch.randn(4, 5))
     monkeypatch.setattr(cpu_kernels, "ENABLED", False)
-    x = torch.randn(4, 6, requires_grad=True)
+    x, bias, residual = torch.randn(4, 6, requires_grad=True), torch.randn(6), torch.randn(4, 3)
     assert glu(x).grad_fn.name() == "GluBackward0"
-    torch.testing.assert_close(glu(x), F.glu(x, dim=-1))
+    torch.testing.assert_close(glu(x, bias, residual), F.glu(x + bias, dim=-1) + residual)

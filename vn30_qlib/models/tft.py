@@ -76,15 +76,20 @@ def _linear(in_features: int, out_features: int, n_groups: int | None) -> nn.Mod
 
 
 class GatedLinearUnit(nn.Module):
-    """GLU(x) = (W1 x) * sigmoid(W2 x): a gate that can shut a block off where it does not help."""
+    """GLU(x) = (W1 x + b1) * sigmoid(W2 x + b2): a gate that can shut a block off where it does not help."""
 
     def __init__(self, input_size: int, output_size: int, dropout: float = 0.0, n_groups: int | None = None):
         super().__init__()
         self.dropout = Dropout(dropout)
         self.linear = _linear(input_size, 2 * output_size, n_groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return glu(self.linear(self.dropout(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """GLU(x), plus ``residual`` when given (the skip connection every TFT gate feeds: the map's bias, the gate
+        and that sum run as one CPU kernel, `glu`)."""
+        x = self.dropout(x)
+        if isinstance(self.linear, nn.Linear):
+            return glu(F.linear(x, self.linear.weight), self.linear.bias, residual)
+        return glu(self.linear(x), None, residual)
 
 
 class GateAddNorm(nn.Module):
@@ -96,7 +101,7 @@ class GateAddNorm(nn.Module):
         self.norm = nn.LayerNorm(output_size)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.norm(residual + self.gate(x))
+        return self.norm(self.gate(x, residual))
 
 
 class GatedResidualNetwork(nn.Module):
@@ -128,7 +133,7 @@ class GatedResidualNetwork(nn.Module):
         if context is not None:
             hidden = hidden + self.fc_context(context)
         hidden = self.fc_hidden(F.elu(hidden))
-        return self.norm(skip + self.gate(hidden))
+        return self.norm(self.gate(hidden, skip))
 
 
 class NumericEmbedding(nn.Module):

@@ -9,7 +9,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("variable_mix_dropout_mask", &vn30::variable_mix_dropout_mask, "the mix's dropout mask, for tests");
   m.def("numeric_embedding_forward", &vn30::numeric_embedding_forward, "x[n, v] * w[v, :] + b[v, :]");
   m.def("numeric_embedding_backward", &vn30::numeric_embedding_backward, "its gradients of x, w and b");
-  m.def("glu_forward", &vn30::glu_forward, "a * sigmoid(b) for x = [a, b] along the last dimension");
+  m.def("glu_forward", &vn30::glu_forward, "residual + (a + ca) * sigmoid(b + cb), x = [a, b], bias = [ca, cb]");
   m.def("glu_backward", &vn30::glu_backward, "its gradient of x");
   m.def("dropout", &vn30::dropout, "x times the hashed dropout mask of a seed and threshold");
 }

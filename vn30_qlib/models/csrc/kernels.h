@@ -27,9 +27,10 @@ at::Tensor variable_mix_dropout_mask(int64_t rows, int64_t n_vars, int64_t hidde
 at::Tensor numeric_embedding_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 std::vector<at::Tensor> numeric_embedding_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w);
 
-// glu.cpp: a * sigmoid(b) for x = [a, b] along the last dimension, and its gradient of x
-at::Tensor glu_forward(const at::Tensor& x);
-at::Tensor glu_backward(const at::Tensor& grad, const at::Tensor& x);
+// glu.cpp: residual + (a + ca) * sigmoid(b + cb) for x = [a, b] and bias c = [ca, cb] along the last dimension,
+// and its gradient of x (that of c is its sum over the rows; that of the residual, the output's)
+at::Tensor glu_forward(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual);
+at::Tensor glu_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias);
 
 // dropout.cpp: x times a hashed dropout mask (forward and backward alike)
 at::Tensor dropout(const at::Tensor& x, int64_t dropout_seed, int64_t dropout_threshold);
