@@ -1,4 +1,5 @@
-"""The TFT's numeric embedding kernel equals torch's broadcasting ops, values and gradients, on any thread count."""
+"""The TFT's numeric embedding kernel equals torch's broadcasting ops, values and gradients, on any thread count;
+torch's ops stand in at other widths and where the kernels do not run."""
 from __future__ import annotations
 
 import pytest
@@ -46,6 +47,10 @@ def test_same_gradients_bit_for_bit_with_one_or_two_threads():
 
 
 def test_torch_ops_stand_in_where_the_kernels_do_not_run(monkeypatch):
+    x, weight, bias = leaves((50,), width=5)  # another width
+    out = numeric_embedding(x, weight, bias)
+    assert out.grad_fn.name() == "AddBackward0"
+    torch.testing.assert_close(out, x.unsqueeze(-1) * weight + bias)
     x, weight, bias = leaves((50,))
     monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     out = numeric_embedding(x, weight, bias)

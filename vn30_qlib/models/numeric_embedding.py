@@ -1,9 +1,10 @@
 """The TFT's numeric embedding, x[..., v] * weight[v] + bias[v], as one CPU kernel pass.
 
 Torch's broadcasting ops take 4-6 passes over the (rows, 20 days, variables, width) output forward and backward,
-about 6 ms of a 256-row TFT training chunk; ``csrc/numeric_embedding.cpp`` makes one (`cpu_kernels`). Anywhere
-else (a GPU, another dtype, no compiler, ``cpu_kernels.ENABLED`` off) the same sum runs in torch's ops; both give
-the same values and gradients to float32 rounding (tests/test_numeric_embedding.py).
+about 6 ms of a 256-row TFT training chunk; ``csrc/numeric_embedding.cpp`` makes one, each (row, variable) one
+8-float vector (`cpu_kernels`). Anywhere else (a GPU, another dtype, a width other than 8, no compiler,
+``cpu_kernels.ENABLED`` off) the same sum runs in torch's ops; both give the same values and gradients to float32
+rounding (tests/test_numeric_embedding.py).
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import torch
 
 from vn30_qlib.models import cpu_kernels
 
+WIDTH = 8  # the only width the kernel is compiled for (the TFT's variable width)
+
 
 def numeric_embedding(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """(..., V) values, (V, D) weight and bias -> (..., V, D): each value times its variable's vector, plus a bias."""
-    kernels = cpu_kernels.get() if x.device.type == "cpu" and x.dtype == torch.float32 else None
-    if kernels is None or x.numel() == 0:
+    fits = x.device.type == "cpu" and x.dtype == torch.float32 and weight.shape[-1] == WIDTH and x.numel() > 0
+    if not fits or cpu_kernels.get() is None:
         return x.unsqueeze(-1) * weight + bias
     out = _NumericEmbedding.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
     return out.reshape(*x.shape, weight.shape[-1])

@@ -16,8 +16,9 @@ steps through time, and attention computes queries for the H decoder positions o
 paper, for CPU speed: each variable is processed at ``variable_hidden_size`` and the selected mix projected to
 ``hidden_size`` (see `VariableSelectionNetwork`), like pytorch-forecasting's ``hidden_continuous_size``.
 On a CPU the numeric variable selections' embedding, per-variable GRNs and weighted mix run as one fused C++
-kernel (`vn30_qlib.models.variable_mix`), and dropout and the numeric embedding as C++ kernels too
-(`vn30_qlib.models.cpu_kernels`); the modules here define what they compute.
+kernel (`vn30_qlib.models.variable_mix`), and the numeric embedding, the gates (GLU with its map's bias and the
+residual) and dropout as C++ kernels too (`vn30_qlib.models.cpu_kernels`); the modules here define what they
+compute.
 """
 from __future__ import annotations
 
