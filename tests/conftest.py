@@ -1,9 +1,12 @@
-"""Shared fixtures: the real VN30 exports in ../shared (skipped when absent) and providers built from them."""
+"""Shared fixtures: the real VN30 exports in ../shared (skipped when absent) and providers built from them; helpers
+the tests share."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Sequence
 
 import pytest
+import torch
 
 SHARED_VN30 = Path(__file__).resolve().parents[2] / "shared" / "data" / "vn30"
 
@@ -77,3 +80,18 @@ def run_qrun(workflow: str, provider: Path, workdir: Path, experiment: str, extr
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def same_on_one_and_two_threads(run: Callable[[], Sequence[torch.Tensor]]) -> None:
+    """Assert ``run()`` gives the same tensors bit for bit with torch on 1 thread and on 2 (the CPU kernels'
+    promise); torch's thread count is restored after."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)

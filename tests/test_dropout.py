@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import same_on_one_and_two_threads
 
 from vn30_qlib.models import cpu_kernels
 from vn30_qlib.models.dropout import LEVELS, Dropout, hashed_mask_fits
@@ -82,16 +83,12 @@ def test_bfloat16_gets_the_float32_mask_and_keeps_its_dtype():
 @hashed
 def test_same_mask_on_one_or_two_threads_and_for_a_transposed_input():
     x = torch.randn(500, 300)
-    threads = torch.get_num_threads()
-    outs = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            torch.manual_seed(4)
-            outs.append(Dropout(0.3).train()(x))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(outs[0], outs[1])
+
+    def masked():
+        torch.manual_seed(4)
+        return [Dropout(0.3).train()(x)]
+
+    same_on_one_and_two_threads(masked)
     torch.manual_seed(4)
     transposed = Dropout(0.3).train()(x.t())  # not contiguous: masked in its own (row-major) order
     assert transposed.shape == (300, 500)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import same_on_one_and_two_threads
 
 from vn30_qlib.models import cpu_kernels
 from vn30_qlib.models.numeric_embedding import numeric_embedding
@@ -33,17 +34,12 @@ def test_values_and_gradients_equal_torch_ops(shape):
 
 def test_same_gradients_bit_for_bit_with_one_or_two_threads():
     x, weight, bias = leaves((2000,))
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            out = numeric_embedding(x, weight, bias)
-            results.append([out, *torch.autograd.grad(out.square().sum(), [x, weight, bias])])
-    finally:
-        torch.set_num_threads(threads)
-    for one, two in zip(*results):
-        assert torch.equal(one, two)
+
+    def embed_and_differentiate():
+        out = numeric_embedding(x, weight, bias)
+        return [out, *torch.autograd.grad(out.square().sum(), [x, weight, bias])]
+
+    same_on_one_and_two_threads(embed_and_differentiate)
 
 
 def test_torch_ops_stand_in_where_the_kernels_do_not_run(monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import same_on_one_and_two_threads
 
 from vn30_qlib.models import cpu_kernels
 from vn30_qlib.models import variable_mix as vm
@@ -97,19 +98,14 @@ def test_dropout_mask_keeps_one_minus_p_scaled_and_is_fixed_by_its_seed():
 def test_same_result_bit_for_bit_with_one_or_two_threads():
     grn = per_variable_grn(n_vars=6, dropout=0.1).train()
     values, embedding, weights = inputs(500, 6)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            torch.manual_seed(3)
-            out = vm.variable_mix(embed(values, embedding), weights, grn, values, embedding)
-            leaves = [values, weights, *embedding.parameters(), *grn.parameters()]
-            results.append([out, *torch.autograd.grad(out.square().sum(), leaves)])
-    finally:
-        torch.set_num_threads(threads)
-    for one, two in zip(*results):
-        assert torch.equal(one, two)
+
+    def mix_and_differentiate():
+        torch.manual_seed(3)
+        out = vm.variable_mix(embed(values, embedding), weights, grn, values, embedding)
+        leaves = [values, weights, *embedding.parameters(), *grn.parameters()]
+        return [out, *torch.autograd.grad(out.square().sum(), leaves)]
+
+    same_on_one_and_two_threads(mix_and_differentiate)
 
 
 def test_network_trains_the_same_through_the_kernel_or_torch_ops(monkeypatch):
