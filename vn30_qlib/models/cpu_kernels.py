@@ -1,11 +1,12 @@
 """The package's C++ CPU kernels (``csrc/``), compiled on first use by torch's cpp_extension.
 
-- ``variable_mix_*``: the TFT variable selection's per-variable GRNs and weighted mix (`variable_mix`);
+- ``variable_mix_*``: the TFT numeric variable selection's embedding, per-variable GRNs and weighted mix
+  (`variable_mix`);
 - ``numeric_embedding_*``: the TFT's numeric embedding x[..., v] * w[v] + b[v] (`numeric_embedding`);
-- ``glu_*``: the gated linear unit a * sigmoid(b) (`glu`);
+- ``glu_*``: the TFT's gates, residual + GLU of a linear map's output and bias (`glu`);
 - ``dropout``: x times a dropout mask hashed from each value's position and a seed (`dropout.Dropout`).
 
-The first call compiles them (about 40 s with 2 cores; needs a C++ compiler) into ``~/.cache/torch_extensions``,
+The first call compiles them (about 50 s with 2 cores; needs a C++ compiler) into ``~/.cache/torch_extensions``,
 one build per CPU kind and torch version; later processes load that build. Where they cannot be built, `build`
 returns None after one warning and the callers run the same maths in torch's ops, as they do everywhere while
 ``ENABLED`` is False (tests and benchmarks compare the two paths with it).
@@ -46,8 +47,9 @@ def build() -> ModuleType | None:
                     extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, an unsupported platform: the torch-ops paths still work
         get_module_logger("vn30_qlib").warning(
-            f"the CPU kernels (vn30_qlib/models/csrc) did not build, so the TFT's variable selection and the sequence "
-            f"models' dropout run in torch's ops, about 1.7x slower a TFT epoch: {str(error).splitlines()[0]}")
+            f"the CPU kernels (vn30_qlib/models/csrc) did not build, so the TFT's variable selection, embedding and "
+            f"gates and the sequence models' dropout run in torch's ops, about 2.3x slower a TFT epoch: "
+            f"{str(error).splitlines()[0]}")
         return None
 
 

@@ -7,7 +7,7 @@ of 8. On a CPU, at width 8, it runs ``csrc/variable_mix.cpp`` instead: it reads 
 itself (one number per row and variable instead of eight), takes rows 16 at a time as SIMD vectors, keeps every
 intermediate in cache, recomputes the forward in the backward, and hashes the dropout mask from each value's
 position and a seed drawn from torch's generator (never stored). It is compiled on first use (`cpu_kernels`;
-about 40 s, needs a C++ compiler). Anywhere else (a GPU, another width, categorical inputs, no compiler) the
+needs a C++ compiler). Anywhere else (a GPU, another width, categorical inputs, no compiler) the
 same sum runs in torch's ops on ``embedded``. Both give the same values to float32 rounding and use dropout
 masks of the same rate (tests/test_variable_mix.py).
 """
