@@ -5,8 +5,8 @@
 Fits the workflow's TFT for one epoch on the real split (trained weights, the real panel), then profiles
 ``--chunks`` training chunks of 256 rows (forward + backward, as the loop runs them) with torch.profiler and splits
 their self time into: matmuls (mm, addmm, bmm and the LSTMs' oneDNN layers), our CPU kernels (the variable
-selections' mix, the numeric embeddings, the GLUs, dropout), and everything else (elementwise ops, copies, reductions,
-autograd bookkeeping). FLOPs are counted as in bench/tft_throughput.py. The machine is shared and its speed
+selections' mix, the numeric embeddings, the gates, ELU, dropout), and everything else (elementwise ops, copies,
+reductions, autograd bookkeeping). FLOPs are counted as in bench/tft_throughput.py. The machine is shared and its speed
 drifts, so each of ``--passes`` unprofiled passes over the same chunks is timed right after 1 s of the matmul
 reference, and the share reported is the median of the passes' shares. "If only the matmuls took time": the
 chunk's FLOPs over the matmuls' time alone, as a share of the reference, the most any work on the other ops
@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_rnn_layer", "aten::mkldnn_rnn_layer_backward"}
 # vn30_qlib.models.cpu_kernels, by their autograd Functions
-KERNEL_OPS = {f"{name}{part}" for name in ("_FusedVariableMix", "_NumericEmbedding", "_GLU", "_HashedDropout")
+KERNEL_OPS = {f"{name}{part}" for name in ("_FusedVariableMix", "_NumericEmbedding", "_GLU", "_ELU", "_HashedDropout")
               for part in ("", "Backward")}
 CHUNK_ROWS = 256
 

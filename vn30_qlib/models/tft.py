@@ -17,8 +17,8 @@ paper, for CPU speed: each variable is processed at ``variable_hidden_size`` and
 ``hidden_size`` (see `VariableSelectionNetwork`), like pytorch-forecasting's ``hidden_continuous_size``.
 On a CPU the numeric variable selections' embedding, per-variable GRNs and weighted mix run as one fused C++
 kernel (`vn30_qlib.models.variable_mix`), and the numeric embedding, the gates (GLU with its map's bias and the
-residual) and dropout as C++ kernels too (`vn30_qlib.models.cpu_kernels`); the modules here define what they
-compute.
+residual), ELU and dropout as C++ kernels too (`vn30_qlib.models.cpu_kernels`); the modules here define what
+they compute.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ from vn30_qlib.models.tft_inputs import (  # noqa: E402
 )
 from vn30_qlib.cpu import cpu_threads  # noqa: E402
 from vn30_qlib.models.dropout import Dropout  # noqa: E402
+from vn30_qlib.models.elu import elu  # noqa: E402
 from vn30_qlib.models.glu import glu  # noqa: E402
 from vn30_qlib.models.numeric_embedding import numeric_embedding  # noqa: E402
 from vn30_qlib.models.variable_mix import variable_mix  # noqa: E402
@@ -133,7 +134,7 @@ class GatedResidualNetwork(nn.Module):
             hidden, skip = self.fc_input(a), self.skip(a)
         if context is not None:
             hidden = hidden + self.fc_context(context)
-        hidden = self.fc_hidden(F.elu(hidden))
+        hidden = self.fc_hidden(elu(hidden))
         return self.norm(self.gate(hidden, skip))
 
 

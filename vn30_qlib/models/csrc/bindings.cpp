@@ -11,5 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("numeric_embedding_backward", &vn30::numeric_embedding_backward, "its gradients of x, w and b");
   m.def("glu_forward", &vn30::glu_forward, "residual + (a + ca) * sigmoid(b + cb), x = [a, b], bias = [ca, cb]");
   m.def("glu_backward", &vn30::glu_backward, "its gradient of x");
+  m.def("elu_forward", &vn30::elu_forward, "ELU(x)");
+  m.def("elu_backward", &vn30::elu_backward, "its gradient, from the output");
   m.def("dropout", &vn30::dropout, "x times the hashed dropout mask of a seed and threshold");
 }

@@ -32,6 +32,10 @@ std::vector<at::Tensor> numeric_embedding_backward(const at::Tensor& grad, const
 at::Tensor glu_forward(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual);
 at::Tensor glu_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias);
 
+// elu.cpp: ELU(x) and its gradient from the output
+at::Tensor elu_forward(const at::Tensor& x);
+at::Tensor elu_backward(const at::Tensor& grad, const at::Tensor& out);
+
 // dropout.cpp: x times a hashed dropout mask (forward and backward alike)
 at::Tensor dropout(const at::Tensor& x, int64_t dropout_seed, int64_t dropout_threshold);
 
