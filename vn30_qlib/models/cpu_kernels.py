@@ -34,6 +34,11 @@ def get() -> ModuleType | None:
     return build() if ENABLED else None
 
 
+def runs_on(x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """Do the kernels take ``x``: a CPU tensor of one of ``dtypes``, the kernels running (`get`)?"""
+    return x.device.type == "cpu" and x.dtype in dtypes and get() is not None
+
+
 @lru_cache(maxsize=None)
 def build() -> ModuleType | None:
     """The compiled kernels, or None (with one warning) where they cannot be built."""

@@ -50,7 +50,7 @@ class Dropout(torch.nn.Module):
 
 def hashed_mask_fits(x: torch.Tensor) -> bool:
     """Does the hashed-mask kernel apply here (a CPU float32 or bfloat16 tensor, the kernels built)?"""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.get() is not None
+    return cpu_kernels.runs_on(x, (torch.float32, torch.bfloat16))
 
 
 class _HashedDropout(torch.autograd.Function):

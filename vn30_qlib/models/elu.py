@@ -14,7 +14,7 @@ from vn30_qlib.models import cpu_kernels
 
 def elu(x: torch.Tensor) -> torch.Tensor:
     """x above 0, exp(x) - 1 below (alpha 1)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or cpu_kernels.get() is None:
+    if not cpu_kernels.runs_on(x):
         return F.elu(x)
     return _ELU.apply(x.contiguous())
 

@@ -21,8 +21,7 @@ def glu(x: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tenso
 
     ``bias`` (2D,) and ``residual`` (..., D) are optional (zero).
     """
-    kernels = cpu_kernels.get() if x.device.type == "cpu" and x.dtype == torch.float32 else None
-    if kernels is None:
+    if not cpu_kernels.runs_on(x):
         out = F.glu(x if bias is None else x + bias, dim=-1)
         return out if residual is None else out + residual
     bias = x.new_zeros(x.shape[-1]) if bias is None else bias

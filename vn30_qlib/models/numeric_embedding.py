@@ -17,8 +17,7 @@ WIDTH = 8  # the only width the kernel is compiled for (the TFT's variable width
 
 def numeric_embedding(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """(..., V) values, (V, D) weight and bias -> (..., V, D): each value times its variable's vector, plus a bias."""
-    fits = x.device.type == "cpu" and x.dtype == torch.float32 and weight.shape[-1] == WIDTH and x.numel() > 0
-    if not fits or cpu_kernels.get() is None:
+    if not (weight.shape[-1] == WIDTH and x.numel() > 0 and cpu_kernels.runs_on(x)):
         return x.unsqueeze(-1) * weight + bias
     out = _NumericEmbedding.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
     return out.reshape(*x.shape, weight.shape[-1])

@@ -45,9 +45,8 @@ def variable_mix(embedded: torch.Tensor, weights: torch.Tensor, grn: nn.Module, 
 
 def fused_fits(values: torch.Tensor, embedding: nn.Module, grn: nn.Module) -> bool:
     """Does the kernel compute this mix (CPU, float32, width 8, the kernels running), or torch's ops?"""
-    return (values.device.type == "cpu" and values.dtype == torch.float32
-            and embedding.weight.shape[-1] == WIDTH and grn.fc_input.weight.shape[-1] == WIDTH
-            and isinstance(grn.skip, nn.Identity) and grn.fc_context is None and cpu_kernels.get() is not None)
+    return (embedding.weight.shape[-1] == WIDTH and grn.fc_input.weight.shape[-1] == WIDTH
+            and isinstance(grn.skip, nn.Identity) and grn.fc_context is None and cpu_kernels.runs_on(values))
 
 
 class _FusedVariableMix(torch.autograd.Function):

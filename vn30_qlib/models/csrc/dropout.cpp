@@ -5,7 +5,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 
 #include "kernels.h"
@@ -23,16 +22,10 @@ void masked_copy(const T* src, T* dst, int64_t n, const DropoutMask& mask) {
       const int64_t i0 = t * kLanes;
       const vf m = mask.at(lane + (uint32_t)i0);
       const int count = (int)std::min<int64_t>(kLanes, n - i0);
-      if constexpr (std::is_same_v<T, float>) {
-        if (count == kLanes) {
-          vf x;
-          std::memcpy(&x, src + i0, sizeof x);
-          x *= m;
-          std::memcpy(dst + i0, &x, sizeof x);
-          continue;
-        }
-      }
-      for (int l = 0; l < count; ++l) dst[i0 + l] = static_cast<T>(static_cast<float>(src[i0 + l]) * m[l]);
+      if constexpr (std::is_same_v<T, float>)
+        store_lanes(load_lanes(src + i0, count) * m, dst + i0, count);
+      else
+        for (int l = 0; l < count; ++l) dst[i0 + l] = static_cast<T>(static_cast<float>(src[i0 + l]) * m[l]);
     }
   });
 }

@@ -8,7 +8,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "kernels.h"
@@ -16,23 +15,6 @@
 
 namespace vn30 {
 namespace {
-
-// count values (the rest zero) as a vector; a whole vector as one load, not a memcpy call of a runtime size
-inline vf load(const float* src, int count) {
-  vf v = {};
-  if (count == kLanes)
-    std::memcpy(&v, src, sizeof v);
-  else
-    std::memcpy(&v, src, count * sizeof(float));
-  return v;
-}
-
-inline void store(vf v, float* dst, int count) {
-  if (count == kLanes)
-    std::memcpy(dst, &v, sizeof v);
-  else
-    std::memcpy(dst, &v, count * sizeof(float));
-}
 
 inline vf sigmoid(vf x) { return 1.f / (1.f + fast_exp(-x)); }
 
@@ -63,9 +45,9 @@ at::Tensor glu_forward(const at::Tensor& x, const at::Tensor& bias, const at::Te
       const float *a = xs + r * 2 * width, *b = a + width;
       for (int64_t i = 0; i < width; i += kLanes) {
         const int count = (int)std::min<int64_t>(kLanes, width - i);
-        const vf gate = sigmoid(load(b + i, count) + load(cs + width + i, count));
-        store(load(rs + r * width + i, count) + (load(a + i, count) + load(cs + i, count)) * gate,
-              os + r * width + i, count);
+        const vf gate = sigmoid(load_lanes(b + i, count) + load_lanes(cs + width + i, count));
+        const vf value = load_lanes(a + i, count) + load_lanes(cs + i, count);
+        store_lanes(load_lanes(rs + r * width + i, count) + value * gate, os + r * width + i, count);
       }
     }
   });
@@ -86,9 +68,10 @@ at::Tensor glu_backward(const at::Tensor& grad, const at::Tensor& x, const at::T
       float *ga = gx + r * 2 * width, *gb = ga + width;
       for (int64_t i = 0; i < width; i += kLanes) {
         const int count = (int)std::min<int64_t>(kLanes, width - i);
-        const vf s = sigmoid(load(b + i, count) + load(cs + width + i, count)), g_times_s = load(g + i, count) * s;
-        store(g_times_s, ga + i, count);
-        store(g_times_s * (load(a + i, count) + load(cs + i, count)) * (1.f - s), gb + i, count);
+        const vf s = sigmoid(load_lanes(b + i, count) + load_lanes(cs + width + i, count));
+        const vf g_times_s = load_lanes(g + i, count) * s;
+        store_lanes(g_times_s, ga + i, count);
+        store_lanes(g_times_s * (load_lanes(a + i, count) + load_lanes(cs + i, count)) * (1.f - s), gb + i, count);
       }
     }
   });

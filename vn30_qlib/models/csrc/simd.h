@@ -1,8 +1,9 @@
-// Shared by the CPU kernels: float and integer vectors of kLanes values, a vector exp, and the hashed dropout
-// mask.
+// Shared by the CPU kernels: float and integer vectors of kLanes values, their loads and stores, a vector exp,
+// and the hashed dropout mask.
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace vn30 {
 
@@ -11,6 +12,25 @@ constexpr int kLanes = 16;  // rows per tile: one AVX-512 register of floats, tw
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// count (<= kLanes) consecutive floats as a vector, the rest zero; a whole vector as one load, not a memcpy call
+// of a runtime size (which the compiler leaves as a call)
+inline vf load_lanes(const float* src, int count) {
+  vf v = {};
+  if (count == kLanes)
+    std::memcpy(&v, src, sizeof v);
+  else
+    std::memcpy(&v, src, count * sizeof(float));
+  return v;
+}
+
+// the first count lanes of v written to dst
+inline void store_lanes(vf v, float* dst, int count) {
+  if (count == kLanes)
+    std::memcpy(dst, &v, sizeof v);
+  else
+    std::memcpy(dst, &v, count * sizeof(float));
+}
 
 // exp(x) to about 2e-7 relative error in vector arithmetic (x = n ln2 + r, |r| <= ln2 / 2, a degree-6 Taylor
 // polynomial for exp(r), 2^n written into the exponent bits): libm's expf is one scalar call per value.
