@@ -8,10 +8,12 @@ models stop, checkpoint, resume and log the same way.
 """
 from __future__ import annotations
 
+import contextvars
 import copy
 import os
 import random
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 Batch = tuple  # (x, y, days): x is whatever the module takes, y and days tensors of one row each
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_METRIC_PREFIX = contextvars.ContextVar("metric_prefix", default="")
 
 
 def set_seed(seed: int) -> None:
@@ -254,13 +257,25 @@ def _cpu_state(module: torch.nn.Module) -> dict:
     return {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}
 
 
+@contextmanager
+def metric_prefix(prefix: str):
+    """Within it, the epoch metrics go to the recorder as ``{prefix}valid_ic`` etc. (the members of an ensemble
+    fitted in one run)."""
+    token = _METRIC_PREFIX.set(prefix)
+    try:
+        yield
+    finally:
+        _METRIC_PREFIX.reset(token)
+
+
 def _log_metrics(epoch: int, row: dict) -> None:
     """Log to the recorder of a running Qlib experiment (qrun); a model fitted outside one logs nowhere."""
     exp_manager = getattr(R, "exp_manager", None)  # AttributeError (-> None) before qlib.init
     experiment = exp_manager.active_experiment if exp_manager is not None else None
     if experiment is None or experiment.active_recorder is None:
         return
-    R.log_metrics(step=epoch, **{key: value for key, value in row.items() if key != "epoch"})
+    prefix = _METRIC_PREFIX.get()
+    R.log_metrics(step=epoch, **{prefix + key: value for key, value in row.items() if key != "epoch"})
 
 
 def _save_checkpoint(path: Path, module, optimizer, state: dict) -> None:

@@ -1,0 +1,64 @@
+"""SeedEnsemble: the mean of its members fitted alone, one checkpoint folder and one metric name per member, a pickle
+that predicts the same, clear errors for bad configs, and ``qrun workflows/tft_ensemble_vn30.yaml``."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import run_qrun
+from test_tft import SMALL, dataset, rank_ic
+from vn30_qlib.models.seed_ensemble import SeedEnsemble
+from vn30_qlib.models.tft import TFT
+
+TFT_CONFIG = {"class": "TFT", "module_path": "vn30_qlib.models.tft", "kwargs": SMALL}
+
+
+def test_the_ensemble_is_the_mean_of_its_members_fitted_alone(sim_provider, tmp_path):
+    data = dataset(sim_provider(0.1))
+    config = {**TFT_CONFIG, "kwargs": {**SMALL, "checkpoint_dir": str(tmp_path / "checkpoints")}}
+    ensemble = SeedEnsemble(config, seeds=[0, 1])
+    ensemble.fit(data)
+    alone = []
+    for seed in (0, 1):
+        member = TFT(**SMALL, seed=seed)
+        member.fit(data)
+        alone.append(member.predict(data))
+    assert not np.allclose(alone[0], alone[1])  # each member got its own seed
+    predicted = ensemble.predict(data)
+    pd.testing.assert_index_equal(predicted.index, alone[0].index)
+    np.testing.assert_allclose(predicted.to_numpy(), (alone[0] + alone[1]).to_numpy() / 2, rtol=1e-6, atol=1e-7)
+    assert rank_ic(ensemble, data) > 0.05  # the planted signal, as each member finds it
+    # one checkpoint folder per member, and the pickle predicts the same
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["seed0", "seed1"]
+    assert (tmp_path / "checkpoints" / "seed1" / "tft.pt").is_file()
+    reloaded = pickle.loads(pickle.dumps(ensemble))
+    np.testing.assert_array_equal(reloaded.predict(data).to_numpy(), predicted.to_numpy())
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="must be a Qlib model config"):
+        SeedEnsemble({"module_path": "vn30_qlib.models.tft"})
+    for seeds in ([], [0, 0], [0.5]):
+        with pytest.raises(ValueError, match="seeds must be distinct integers"):
+            SeedEnsemble(TFT_CONFIG, seeds=seeds)
+    with pytest.raises(ValueError, match="fit the ensemble before predict"):
+        SeedEnsemble(TFT_CONFIG).predict(None)
+    no_seed = SeedEnsemble({"class": "LinearModel", "module_path": "qlib.contrib.model.linear", "kwargs": {}})
+    with pytest.raises(TypeError, match="LinearModel must take a 'seed' argument"):
+        no_seed.fit(None)
+
+
+@pytest.mark.slow
+def test_qrun_tft_ensemble_workflow_logs_each_member(sim_provider, tmp_path):
+    overrides = {"TFT_SEEDS": "[0, 1]", "TFT_EPOCHS": "1", "TFT_HIDDEN": "16", "TFT_THREADS": "1"}
+    recorder = run_qrun("tft_ensemble_vn30.yaml", sim_provider(0.1), tmp_path, "tft_ensemble_qrun", overrides)
+    metrics = recorder.list_metrics()
+    for key in ("IC", "Rank IC", "seed0/valid_ic", "seed1/valid_ic", "seed1/train_loss",
+                "1day.excess_return_with_cost.annualized_return"):
+        assert np.isfinite(metrics[key]), key
+    assert "valid_ic" not in metrics  # every member's epochs under its own name
+    model = recorder.load_object("params.pkl")
+    assert [member.seed for member in model.members] == [0, 1]
