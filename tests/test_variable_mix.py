@@ -16,7 +16,7 @@ from vn30_qlib.models.tft import (
 
 pytestmark = pytest.mark.skipif(cpu_kernels.build() is None,
                                 reason="the CPU kernels did not build here (no C++ compiler?)")
-WIDTH = vm.WIDTH
+WIDTH = cpu_kernels.VARIABLE_WIDTH
 
 
 def per_variable_grn(n_vars: int, dropout: float) -> GatedResidualNetwork:

@@ -27,6 +27,7 @@ from qlib.log import get_module_logger
 
 SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.cpp"))
 ENABLED = True
+VARIABLE_WIDTH = 8  # the TFT's per-variable width (and per-variable GRN size), the only one the kernels compile
 
 
 def get() -> ModuleType | None:

@@ -12,12 +12,10 @@ import torch
 
 from vn30_qlib.models import cpu_kernels
 
-WIDTH = 8  # the only width the kernel is compiled for (the TFT's variable width)
-
 
 def numeric_embedding(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """(..., V) values, (V, D) weight and bias -> (..., V, D): each value times its variable's vector, plus a bias."""
-    if not (weight.shape[-1] == WIDTH and x.numel() > 0 and cpu_kernels.runs_on(x)):
+    if not (weight.shape[-1] == cpu_kernels.VARIABLE_WIDTH and x.numel() > 0 and cpu_kernels.runs_on(x)):
         return x.unsqueeze(-1) * weight + bias
     out = _NumericEmbedding.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
     return out.reshape(*x.shape, weight.shape[-1])

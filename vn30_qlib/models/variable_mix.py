@@ -19,8 +19,6 @@ from torch import nn
 from vn30_qlib.models import cpu_kernels
 from vn30_qlib.models.dropout import mask_seed, mask_threshold
 
-WIDTH = 8  # the only per-variable width (and GRN hidden size) the kernel is compiled for
-
 
 def variable_mix(embedded: torch.Tensor, weights: torch.Tensor, grn: nn.Module, values: torch.Tensor | None = None,
                  embedding: nn.Module | None = None) -> torch.Tensor:
@@ -40,12 +38,13 @@ def variable_mix(embedded: torch.Tensor, weights: torch.Tensor, grn: nn.Module, 
         values.reshape(-1, n_vars).contiguous(), weights.reshape(-1, n_vars).contiguous(), embedding.weight,
         embedding.bias, grn.fc_input.weight, grn.fc_input.bias, grn.fc_hidden.weight, grn.fc_hidden.bias,
         grn.gate.linear.weight, grn.gate.linear.bias, grn.norm.weight, grn.norm.bias, grn.norm.eps, seed, threshold)
-    return mixed.reshape(*values.shape[:-1], WIDTH)
+    return mixed.reshape(*values.shape[:-1], cpu_kernels.VARIABLE_WIDTH)
 
 
 def fused_fits(values: torch.Tensor, embedding: nn.Module, grn: nn.Module) -> bool:
     """Does the kernel compute this mix (CPU, float32, width 8, the kernels running), or torch's ops?"""
-    return (embedding.weight.shape[-1] == WIDTH and grn.fc_input.weight.shape[-1] == WIDTH
+    width = cpu_kernels.VARIABLE_WIDTH
+    return (embedding.weight.shape[-1] == width and grn.fc_input.weight.shape[-1] == width
             and isinstance(grn.skip, nn.Identity) and grn.fc_context is None and cpu_kernels.runs_on(values))
 
 
@@ -65,4 +64,5 @@ class _FusedVariableMix(torch.autograd.Function):
 
 def kernel_dropout_mask(rows: int, n_vars: int, seed: int, p: float) -> torch.Tensor:
     """The (rows, n_vars, 8) dropout mask the kernel applies for ``seed`` (1 / keep rate where kept): for tests."""
-    return cpu_kernels.get().variable_mix_dropout_mask(rows, n_vars, WIDTH, seed, mask_threshold(p))
+    return cpu_kernels.get().variable_mix_dropout_mask(rows, n_vars, cpu_kernels.VARIABLE_WIDTH, seed,
+                                                       mask_threshold(p))
