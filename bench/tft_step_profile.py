@@ -4,8 +4,9 @@
 
 Fits the workflow's TFT for one epoch on the real split (trained weights, the real panel), then profiles
 ``--chunks`` training chunks of 256 rows (forward + backward, as the loop runs them) with torch.profiler and splits
-their self time into: matmuls (mm, addmm, bmm and the LSTMs' oneDNN layers), our CPU kernels (the variable
-selections' mix, the numeric embeddings, the gates, ELU, dropout), and everything else (elementwise ops, copies,
+their self time into: matmuls (mm, addmm, bmm, also those the LSTM kernel calls, and oneDNN's LSTM layers where
+they run), our CPU kernels (the variable selections' mix, the numeric embeddings, the gates, ELU, dropout, the LSTM
+layers' gates), and everything else (elementwise ops, copies,
 reductions, autograd bookkeeping). FLOPs are counted as in bench/tft_throughput.py. The machine is shared and its speed
 drifts, so each of ``--passes`` unprofiled passes over the same chunks is timed right after 1 s of the matmul
 reference, and the share reported is the median of the passes' shares. "If only the matmuls took time": the
@@ -27,7 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_rnn_layer", "aten::mkldnn_rnn_layer_backward"}
 # vn30_qlib.models.cpu_kernels, by their autograd Functions
-KERNEL_OPS = {f"{name}{part}" for name in ("_FusedVariableMix", "_NumericEmbedding", "_GLU", "_ELU", "_HashedDropout")
+KERNEL_OPS = {f"{name}{part}" for name in ("_FusedVariableMix", "_NumericEmbedding", "_GLU", "_ELU", "_HashedDropout",
+                                           "_LSTMLayer")
               for part in ("", "Backward")}
 CHUNK_ROWS = 256
 

@@ -6,9 +6,10 @@ time against pytorch-forecasting's TemporalFusionTransformer on the same rows an
     pip install --no-deps pytorch-forecasting lightning lightning-utilities torchmetrics scikit-base
     python bench/tft_throughput.py --provider /tmp/vn30_real [--epochs 2] [--threads 1] [--torch-ops] [--qrun]
 
-FLOPs of one training step (forward + backward) are counted by torch's FlopCounterMode (matmuls, bmm, ...)
-plus, analytically, what the counter cannot see: the LSTMs (oneDNN), 2 * 4h(in + h) FLOPs per row, step and
-layer forward, and the variable selections' fused kernel (see `step_flops`), each twice that backward.
+FLOPs of one training step (forward + backward) are counted by torch's FlopCounterMode (matmuls, bmm, ...,
+also those the LSTM kernel calls) plus, analytically, what the counter cannot see: the variable selections' fused
+kernel (see `step_flops`) and, where torch's oneDNN layers run them (``--torch-ops``), the LSTMs, 2 * 4h(in + h)
+FLOPs per row, step and layer forward; each twice that backward.
 Elementwise work is not counted, as usual for MFU. The share of the matmul reference: each epoch's FLOP/s over
 the reference measured for 1 s right before that epoch, the median over the epochs.
 """
@@ -37,6 +38,7 @@ SEGMENTS = {"train": ("2015-10-05", "2021-12-31"), "valid": ("2022-01-01", "2022
 
 def step_flops(module, batch, quantiles: torch.Tensor) -> float:
     """Forward + backward FLOPs of one training step of the network ``module`` on ``batch`` (a `TFTBatch`)."""
+    from vn30_qlib.models.lstm_layer import kernel_runs
     from vn30_qlib.models.tft import quantile_loss
 
     rows, steps = batch.past.shape[:2]
@@ -46,7 +48,7 @@ def step_flops(module, batch, quantiles: torch.Tensor) -> float:
         quantile_loss(module(batch), torch.zeros(rows, horizons), quantiles).backward()
     module.zero_grad()
     h = module.lstm.encoder.hidden_size
-    lstm_forward = 2 * 4 * h * (h + h) * rows * (steps + horizons)
+    lstm_forward = 0 if kernel_runs(module.lstm.encoder, batch.past) else 2 * 4 * h * (h + h) * rows * (steps + horizons)
     return counter.get_total_flops() + 3 * (lstm_forward + mix_forward_flops(module, batch))
 
 

@@ -5,6 +5,7 @@
 - ``numeric_embedding_*``: the TFT's numeric embedding x[..., v] * w[v] + b[v] (`numeric_embedding`);
 - ``glu_*``: the TFT's gates, residual + GLU of a linear map's output and bias (`glu`);
 - ``elu_*``: ELU (`elu`);
+- ``lstm_layer_*``: one batch-first LSTM layer, the TFT's encoder and decoder (`lstm_layer`);
 - ``dropout``: x times a dropout mask hashed from each value's position and a seed (`dropout.Dropout`).
 
 The first call compiles them (about 50 s with 2 cores; needs a C++ compiler) into ``~/.cache/torch_extensions``,
@@ -55,7 +56,7 @@ def build() -> ModuleType | None:
     except Exception as error:  # no compiler, an unsupported platform: the torch-ops paths still work
         get_module_logger("vn30_qlib").warning(
             f"the CPU kernels (vn30_qlib/models/csrc) did not build, so the TFT's variable selection, embedding, "
-            f"gates and ELUs and the sequence models' dropout run in torch's ops, about 2.3x slower a TFT epoch: "
+            f"gates, ELUs and LSTM layers and the sequence models' dropout run in torch's ops, about 2.3x slower a TFT epoch: "
             f"{str(error).splitlines()[0]}")
         return None
 

@@ -17,8 +17,8 @@ paper, for CPU speed: each variable is processed at ``variable_hidden_size`` and
 ``hidden_size`` (see `VariableSelectionNetwork`), like pytorch-forecasting's ``hidden_continuous_size``.
 On a CPU the numeric variable selections' embedding, per-variable GRNs and weighted mix run as one fused C++
 kernel (`vn30_qlib.models.variable_mix`), and the numeric embedding, the gates (GLU with its map's bias and the
-residual), ELU and dropout as C++ kernels too (`vn30_qlib.models.cpu_kernels`); the modules here define what
-they compute.
+residual), ELU, dropout and the LSTM layers as C++ kernels too (`vn30_qlib.models.cpu_kernels`); the modules here
+define what they compute.
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ from vn30_qlib.cpu import cpu_threads  # noqa: E402
 from vn30_qlib.models.dropout import Dropout  # noqa: E402
 from vn30_qlib.models.elu import elu  # noqa: E402
 from vn30_qlib.models.glu import glu  # noqa: E402
+from vn30_qlib.models.lstm_layer import lstm_layer  # noqa: E402
 from vn30_qlib.models.numeric_embedding import numeric_embedding  # noqa: E402
 from vn30_qlib.models.variable_mix import variable_mix  # noqa: E402
 from vn30_qlib.models.training import (  # noqa: E402
@@ -210,8 +211,8 @@ class LSTMEncoderDecoder(nn.Module):
         self.gate = GateAddNorm(hidden_size, hidden_size, dropout)
 
     def forward(self, past: torch.Tensor, future: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
-        encoded, state = self.encoder(past, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()))
-        decoded, _ = self.decoder(future, state)
+        encoded, state = lstm_layer(self.encoder, past, (h0.unsqueeze(0), c0.unsqueeze(0)))
+        decoded, _ = lstm_layer(self.decoder, future, state)
         return self.gate(torch.cat([encoded, decoded], dim=1), torch.cat([past, future], dim=1))
 
 

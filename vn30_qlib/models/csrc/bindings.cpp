@@ -13,5 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("glu_backward", &vn30::glu_backward, "its gradient of x");
   m.def("elu_forward", &vn30::elu_forward, "ELU(x)");
   m.def("elu_backward", &vn30::elu_backward, "its gradient, from the output");
+  m.def("lstm_layer_forward", &vn30::lstm_layer_forward, "one batch-first LSTM layer");
+  m.def("lstm_layer_backward", &vn30::lstm_layer_backward, "its gradients of x, h0, c0, w_ih, w_hh and the bias");
   m.def("dropout", &vn30::dropout, "x times the hashed dropout mask of a seed and threshold");
 }
