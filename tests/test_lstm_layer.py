@@ -58,3 +58,12 @@ def test_torch_lstm_stands_in_where_the_kernel_does_not_run(monkeypatch):
     assert not kernel_runs(lstm, x)
     out, _ = lstm_layer(lstm, x, (h0.transpose(0, 1).transpose(0, 1), c0))
     assert out.grad_fn.name() != "_LSTMLayerBackward"
+
+
+def test_a_second_backward_is_refused_not_computed_from_overwritten_gates():
+    lstm, x, h0, c0 = _inputs(6, 4, 5, 16)
+    out, _ = lstm_layer(lstm, x, (h0, c0))
+    loss = out.square().sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        loss.backward()

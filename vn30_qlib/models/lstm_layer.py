@@ -3,8 +3,9 @@
 oneDNN's LSTM layer (torch's CPU path) took about 18 ms forward + backward of the TFT encoder's (256, 20, 64) on
 this project's CPU, mostly in its backward. ``csrc/lstm_layer.cpp`` (`cpu_kernels`) projects every step's input
 in one matmul, runs each step as one small matmul and one vector pass over its gates, and computes the
-backward's weight and input gradients as three matmuls over all steps. Same module, same parameters (pickles
-load either way). Anywhere else (a GPU, another dtype, more layers, no compiler, ``cpu_kernels.ENABLED`` off) it is
+backward's weight and input gradients as three matmuls over all steps; the backward writes its step gradients
+over the gates the forward saved, so it runs once per forward (no ``retain_graph``). Same module, same
+parameters (pickles load either way). Anywhere else (a GPU, another dtype, more layers, no compiler, ``cpu_kernels.ENABLED`` off) it is
 the module's own forward; both agree to float32 rounding (tests/test_lstm_layer.py).
 """
 from __future__ import annotations
@@ -42,6 +43,10 @@ class _LSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_h, grad_c):
+        if getattr(ctx, "gates_overwritten", False):
+            raise RuntimeError("the LSTM kernel's backward overwrites the gates its forward saved, so it runs once per "
+                               "forward: backward through it a second time (retain_graph=True) is not supported")
+        ctx.gates_overwritten = True
         x, h0, c0, w_ih, w_hh, out, gates, cells = ctx.saved_tensors
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
         grad_h = torch.zeros_like(h0) if grad_h is None else grad_h.contiguous()
