@@ -3,7 +3,9 @@
     python bench/tft_step_profile.py --provider /tmp/vn30_real [--chunks 40] [--passes 5] [--threads 1]
 
 Fits the workflow's TFT for one epoch on the real split (trained weights, the real panel), then profiles
-``--chunks`` training chunks of 256 rows (forward + backward, as the loop runs them) with torch.profiler and splits
+``--chunks`` training chunks of 256 rows with torch.profiler, run as the loop runs them (its own function, with a
+zero learning rate): batches of 1,024 rows, each with its static contexts encoded once and then forward + backward
+four chunks at a time. It splits
 their self time into: matmuls (mm, addmm, bmm, also those the LSTM kernel calls, and oneDNN's LSTM layers where
 they run), our CPU kernels (the variable selections' mix, the numeric embeddings, the gates, ELU, dropout, the LSTM
 layers' gates), and everything else (elementwise ops, copies,
@@ -46,6 +48,7 @@ def main() -> None:
 
     from handlers import VN30TFT
     from vn30_qlib.data.check import init_qlib
+    from vn30_qlib.models import training
     from vn30_qlib.models.tft import TFT, quantile_loss
 
     init_qlib(args.provider)
@@ -57,31 +60,38 @@ def main() -> None:
     rows = panel.rows(model._labels(data, "train").index)
     module, quantiles = model.module.train(), torch.tensor(model.quantiles)
     order = np.random.default_rng(0).permutation(len(rows.index))
-    chunks = [panel.batch(rows, order[i * CHUNK_ROWS:(i + 1) * CHUNK_ROWS], torch.device("cpu"))
-              for i in range(args.chunks)]
-    flops = step_flops(module, chunks[0], quantiles)
+    batch_rows = model.batch_size
+    chunks_per_batch = batch_rows // CHUNK_ROWS
+    batches = [(panel.batch(rows, order[i * batch_rows:(i + 1) * batch_rows], torch.device("cpu")),
+                torch.zeros(batch_rows, model.horizons), torch.zeros(batch_rows, dtype=torch.long))
+               for i in range(max(1, args.chunks // chunks_per_batch))]
+    n_chunks = len(batches) * chunks_per_batch
+    flops = step_flops(module, batches[0][0], quantiles) / chunks_per_batch  # a 256-row chunk's share
+    still = torch.optim.SGD(module.parameters(), lr=0.0)  # the loop's optimizer step, leaving the weights as they are
 
-    def run(chunk):
-        quantile_loss(module(chunk), torch.zeros(CHUNK_ROWS, model.horizons), quantiles).backward()
+    def loss(output, label, days):
+        return quantile_loss(output, label, quantiles)
 
-    for chunk in chunks[:3]:
-        run(chunk)
+    def run(batch):
+        training._train_one_epoch(module, still, [batch], loss, None, CHUNK_ROWS, module.encode_static)
+
+    run(batches[0])
     passes, references = [], []
     for _ in range(args.passes):
         references.append(matmul_flops(seconds=1.0))
         start = time.perf_counter()
-        for chunk in chunks:
-            run(chunk)
-        passes.append((time.perf_counter() - start) / len(chunks))
+        for batch in batches:
+            run(batch)
+        passes.append((time.perf_counter() - start) / n_chunks)
     shares = [flops / seconds / reference for seconds, reference in zip(passes, references)]
     reference, unprofiled = float(np.median(references)), float(np.median(passes))
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        for chunk in chunks:
-            run(chunk)
+        for batch in batches:
+            run(batch)
     seconds: dict[str, float] = defaultdict(float)
     for event in profiler.key_averages():
         kind = "matmuls" if event.key in MATMUL_OPS else "our CPU kernels" if event.key in KERNEL_OPS else "other ops"
-        seconds[kind] += event.self_cpu_time_total / 1e6 / len(chunks)
+        seconds[kind] += event.self_cpu_time_total / 1e6 / n_chunks
     profiled = sum(seconds.values())
     report = {
         "threads": args.threads, "matmul_reference_gflops": reference / 1e9, "gflop_per_chunk": flops / 1e9,
@@ -94,7 +104,8 @@ def main() -> None:
         "share_if_only_matmuls_and_our_kernels_took_time":
             flops / (seconds["matmuls"] + seconds["our CPU kernels"]) / reference,
         "share_if_only_matmuls_took_time": flops / seconds["matmuls"] / reference,
-        "matmul_gflops_in_the_step": (flops - 3 * mix_forward_flops(module, chunks[0])) / seconds["matmuls"] / 1e9,
+        "matmul_gflops_in_the_step":
+            (flops - 3 * mix_forward_flops(module, batches[0][0]) / chunks_per_batch) / seconds["matmuls"] / 1e9,
     }
     print(json.dumps(report, indent=1))
 

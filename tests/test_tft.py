@@ -18,8 +18,9 @@ from vn30_qlib.data.check import init_qlib
 from vn30_qlib.data.holidays import hose_trading_days
 from vn30_qlib.models.tft import (
     TFT, GatedLinearUnit, GatedResidualNetwork, InterpretableMultiHeadAttention, LSTMEncoderDecoder, QuantileOutput,
-    StaticCovariateEncoder, TemporalFusionNetwork, TFTBatch, VariableSelectionNetwork, quantile_loss,
+    StaticCovariateEncoder, TemporalFusionNetwork, TFTBatch, TFTWeights, VariableSelectionNetwork, quantile_loss,
 )
+from vn30_qlib.models.training import _take_rows
 from vn30_qlib.models.tft_inputs import CALENDAR_FEATURES, calendar_features, static_codes, validate_known_future
 from vn30_qlib.workflow_config import load_workflow
 
@@ -53,8 +54,8 @@ def test_module_shapes_and_weights_sum_to_one():
 
     contexts, static_weights = StaticCovariateEncoder([31, 9], variable_size=3, hidden_size=hidden)(
         torch.tensor([[1, 2], [5, 0], [30, 8], [0, 0], [7, 7]]))
-    assert len(contexts) == 4 and all(c.shape == (batch, hidden) for c in contexts)
-    assert not torch.allclose(contexts[0], contexts[1])  # four distinct contexts, not one copied
+    assert contexts.shape == (batch, 4, hidden)
+    assert not torch.allclose(contexts[:, 0], contexts[:, 1])  # four distinct contexts, not one copied
     torch.testing.assert_close(static_weights.sum(-1), torch.ones(batch))
 
     lstm = LSTMEncoderDecoder(hidden)
@@ -70,6 +71,20 @@ def test_module_shapes_and_weights_sum_to_one():
     assert (attn[:, 0, steps + 1] == 0).all()  # horizon 1 never attends to day t+2
 
     assert QuantileOutput(hidden, 3)(torch.randn(batch, 2, hidden)).shape == (batch, 2, 3)
+
+
+def test_static_contexts_encoded_once_give_the_same_forecasts():
+    """`encode_static` (which the training loop runs once per batch, before its chunks) changes nothing: chunks of
+    the encoded batch give the whole batch's forecasts and weights."""
+    torch.manual_seed(0)
+    net = TemporalFusionNetwork(n_past=5, n_future=8, horizons=2, n_quantiles=3, hidden_size=16).eval()
+    batch = TFTBatch(torch.randint(0, 9, (10, 2)), torch.randn(10, 6, 5), torch.randn(10, 2, 8))
+    output, weights = net.interpret(batch)
+    encoded = net.encode_static(batch)
+    parts = [net.interpret(_take_rows(encoded, rows)) for rows in (slice(0, 4), slice(4, 10))]
+    torch.testing.assert_close(torch.cat([part[0] for part in parts]), output)
+    for name in TFTWeights._fields:
+        torch.testing.assert_close(torch.cat([getattr(part[1], name) for part in parts]), getattr(weights, name))
 
 
 def test_network_makes_every_tensor_on_its_inputs_device():

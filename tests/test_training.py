@@ -21,6 +21,30 @@ class HalvesLinear(torch.nn.Linear):
         return super().forward(torch.cat([x.left, x.right], 1))
 
 
+class SharedInput(NamedTuple):
+    """An input with a part computed from the parameters once per batch (as the TFT's static contexts are)."""
+
+    x: torch.Tensor
+    shared: torch.Tensor | None = None
+
+
+class LinearOnShared(torch.nn.Module):
+    """y = w . x + v . tanh(x A): ``tanh(x A)`` is the part a loop may compute once per batch (`share`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+        self.inner = torch.nn.Parameter(torch.randn(4, 3) * 0.5)
+        self.outer = torch.nn.Linear(3, 1, bias=False)
+
+    def share(self, x: SharedInput) -> SharedInput:
+        return x._replace(shared=torch.tanh(x.x @ self.inner))
+
+    def forward(self, x: SharedInput) -> torch.Tensor:
+        shared = x.shared if x.shared is not None else self.share(x).shared
+        return self.linear(x.x) + self.outer(shared)
+
+
 def fit_linear(average_best: int, n_epochs: int = 8, names_per_day: int = 8, chunk_rows: int | None = None,
                halved_input: bool = False) -> tuple[torch.nn.Linear, list[dict], dict[int, dict]]:
     """A noisy linear fit with a large learning rate, so the valid IC moves up and down across epochs.
@@ -95,3 +119,35 @@ def test_chunked_batches_train_exactly_as_whole_ones(halved_input):
         torch.testing.assert_close(value, whole.state_dict()[name])
     for chunked_row, whole_row in zip(chunked_history, whole_history, strict=True):
         assert chunked_row["train_loss"] == pytest.approx(whole_row["train_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+def test_a_part_shared_by_the_chunks_trains_exactly_as_computed_in_each(chunk_rows):
+    """``shared_inputs`` computes part of each batch's input once, before its chunks: the same weights and losses as
+    a fit whose module computes that part itself in every chunk."""
+
+    def fit(shared_inputs: bool) -> tuple[dict, list[dict]]:
+        torch.manual_seed(0)
+        x, valid_x = torch.randn(96, 4), torch.randn(32, 4)
+        y, valid_y = x[:, 0] - torch.tanh(x[:, 1]) + torch.randn(96), torch.randn(32)
+        module = LinearOnShared()
+        initial.append(module.inner.detach().clone())
+        config = LoopConfig(n_epochs=3, early_stop=3, metric="loss", chunk_rows=chunk_rows,
+                            shared_inputs=module.share if shared_inputs else None)
+
+        def batches():
+            return [(SharedInput(x[take]), y[take], torch.zeros(len(take), dtype=torch.long))
+                    for take in torch.randperm(96).split(32)]
+
+        history = fit_epochs(module, torch.optim.SGD(module.parameters(), lr=0.1), batches,
+                             lambda: module(SharedInput(valid_x)), valid_y, torch.arange(32) // 8,
+                             lambda out, label, days: ((out.reshape(-1) - label) ** 2).mean(), config)
+        return module.state_dict(), history
+
+    initial: list[torch.Tensor] = []
+    (shared_state, shared_history), (own_state, own_history) = fit(True), fit(False)
+    assert not torch.allclose(shared_state["inner"], initial[0])  # the shared part's weights did train
+    for name, value in shared_state.items():
+        torch.testing.assert_close(value, own_state[name])
+    for shared_row, own_row in zip(shared_history, own_history, strict=True):
+        assert shared_row["train_loss"] == pytest.approx(own_row["train_loss"], rel=1e-5)

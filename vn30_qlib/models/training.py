@@ -4,7 +4,9 @@ A model supplies three things: ``train_batches()`` (one epoch of ``(x, y, days)`
 order), ``predict_valid()`` (the module's output for every valid row, in the order of ``valid_label``) and
 ``loss_fn(output, y, days)``. ``days`` are integer day codes of the rows, so a loss or metric can work per day
 (cross-sectional IC); losses that do not need them ignore them. The loop owns everything else, so both
-models stop, checkpoint, resume and log the same way.
+models stop, checkpoint, resume and log the same way. On a CPU it runs each batch ``chunk_rows`` rows at a time;
+a model may name the part of a batch's input its chunks share (``shared_inputs``: the TFT's static contexts), which
+then runs forward once before the chunks and backward once after them.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -132,6 +134,8 @@ class LoopConfig:
     average_best: int = 1           # restore the mean of the weights of this many best epochs (1: the best one's)
     chunk_rows: int | None = None   # on CPU, forward/backward a batch this many rows at a time, for a loss that is
                                     # a mean over rows: the same gradient, from activations that stay in cache
+    shared_inputs: Callable[[Any], Any] | None = None  # x -> x with what every chunk of the batch shares computed
+                                    # once (the TFT's static contexts); its backward runs once, after the chunks'
     checkpoint_path: str | Path | None = None   # None = no checkpoint (and no resume)
     resume: bool = False            # continue from checkpoint_path if it exists
     on_epoch: Callable[[int, dict], None] | None = None   # called with each history row (a search prunes here)
@@ -184,7 +188,8 @@ def fit_epochs(
         if best and epoch - best[0][1] > config.early_stop:
             logger.info(f"early stop: no better valid {config.metric} for {config.early_stop} epochs")
             break
-        train_loss = _train_one_epoch(module, optimizer, train_batches(), loss_fn, config.grad_clip, chunk_rows)
+        train_loss = _train_one_epoch(module, optimizer, train_batches(), loss_fn, config.grad_clip, chunk_rows,
+                                      config.shared_inputs)
         module.eval()
         with torch.no_grad():
             output = predict_valid()
@@ -218,16 +223,22 @@ def fit_epochs(
 
 
 def _train_one_epoch(module, optimizer, batches: Iterable[Batch], loss_fn: LossFn, grad_clip: float | None,
-                     chunk_rows: int | None) -> float:
+                     chunk_rows: int | None, shared_inputs: Callable[[Any], Any] | None) -> float:
     module.train()
     total, rows = 0.0, 0
     for x, y, days in batches:
         optimizer.zero_grad()
+        shared: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if shared_inputs is not None:
+            x = _cut_graph(shared_inputs(x), shared)
         batch_loss = 0.0
         for part in _chunks(len(y), chunk_rows):
             loss = loss_fn(module(_take_rows(x, part)), y[part], days[part]) * ((part.stop - part.start) / len(y))
             loss.backward()
             batch_loss += loss.item()
+        reached = [(tensor, leaf.grad) for tensor, leaf in shared if leaf.grad is not None]
+        if reached:
+            torch.autograd.backward([tensor for tensor, _ in reached], [grad for _, grad in reached])
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
         optimizer.step()
@@ -243,8 +254,23 @@ def _chunks(rows: int, chunk_rows: int | None) -> list[slice]:
 
 
 def _take_rows(x, part: slice):
-    """The rows ``part`` of a batch input: a tensor, or a NamedTuple of tensors (the TFT's `TFTBatch`)."""
-    return x[part] if isinstance(x, torch.Tensor) else type(x)(*(item[part] for item in x))
+    """The rows ``part`` of a batch input: a tensor, or a NamedTuple of tensors, NamedTuples or None (the TFT's
+    `TFTBatch`)."""
+    if x is None or isinstance(x, torch.Tensor):
+        return None if x is None else x[part]
+    return type(x)(*(_take_rows(item, part) for item in x))
+
+
+def _cut_graph(x, shared: list[tuple[torch.Tensor, torch.Tensor]]):
+    """``x`` (as `_take_rows` takes it) with every tensor that carries a gradient replaced by a detached leaf, so
+    the chunks' backwards stop there and sum into the leaves' ``grad``; ``shared`` collects (tensor, leaf)."""
+    if x is None or isinstance(x, torch.Tensor):
+        if x is None or not x.requires_grad:
+            return x
+        leaf = x.detach().requires_grad_()
+        shared.append((x, leaf))
+        return leaf
+    return type(x)(*(_cut_graph(item, shared) for item in x))
 
 
 def _mean_state(states: list[dict]) -> dict:
