@@ -87,6 +87,29 @@ def test_static_contexts_encoded_once_give_the_same_forecasts():
         torch.testing.assert_close(torch.cat([getattr(part[1], name) for part in parts]), getattr(weights, name))
 
 
+def test_a_key_bias_would_change_no_attention_weight_and_old_models_still_load():
+    """The key projection has no bias because q . b_k shifts all of a query's scores alike; a TFT recorded with
+    one (before it was dropped) loads."""
+    torch.manual_seed(0)
+    attention = InterpretableMultiHeadAttention(16, num_heads=2, attention_size=4).eval()
+    keys = torch.randn(3, 7, 16)
+    mask = torch.ones(2, 7, dtype=torch.bool).tril(diagonal=5)
+    out, weights = attention(keys[:, 5:], keys, mask)
+    with torch.no_grad():
+        biased = torch.nn.Linear(16, 8)
+        biased.weight.copy_(attention.key.weight)
+        biased.bias.normal_(0.0, 3.0)
+        plain, attention.key = attention.key, biased
+        biased_out, biased_weights = attention(keys[:, 5:], keys, mask)
+        attention.key = plain
+    torch.testing.assert_close(biased_weights, weights)
+    torch.testing.assert_close(biased_out, out)
+
+    net = TemporalFusionNetwork(n_past=5, n_future=8, horizons=2, n_quantiles=3, hidden_size=16)
+    recorded = {**net.state_dict(), "attention.key.bias": torch.randn(4 * 32)}
+    TemporalFusionNetwork(n_past=5, n_future=8, horizons=2, n_quantiles=3, hidden_size=16).load_state_dict(recorded)
+
+
 def test_network_makes_every_tensor_on_its_inputs_device():
     """What a GPU run needs of the network, checked without a GPU: on torch's "meta" device (shapes only, no
     data) forward and backward fail if any tensor the network makes lands on the CPU instead of its inputs'
