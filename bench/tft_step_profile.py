@@ -5,11 +5,10 @@
 Fits the workflow's TFT for one epoch on the real split (trained weights, the real panel), then profiles
 ``--chunks`` training chunks of 256 rows with torch.profiler, run as the loop runs them (its own function, with a
 zero learning rate): batches of 1,024 rows, each with its static contexts encoded once and then forward + backward
-four chunks at a time. It splits
-their self time into: matmuls (mm, addmm, bmm, also those the LSTM kernel calls, and oneDNN's LSTM layers where
-they run), our CPU kernels (the variable selections' mix, the numeric embeddings, the gates, ELU, dropout, the LSTM
-layers' gates), and everything else (elementwise ops, copies,
-reductions, autograd bookkeeping). FLOPs are counted as in bench/tft_throughput.py. The machine is shared and its speed
+four chunks at a time. It splits their self time into: matmuls (mm, addmm, bmm, also those the LSTM kernel calls,
+and oneDNN's LSTM layers where they run), our CPU kernels (the variable selections' mix, the numeric embeddings,
+the gates, ELU, dropout, the LSTM layers' gates), and everything else (elementwise ops, copies, reductions,
+autograd bookkeeping). FLOPs are counted as in bench/tft_throughput.py. The machine is shared and its speed
 drifts, so each of ``--passes`` unprofiled passes over the same chunks is timed right after 1 s of the matmul
 reference, and the share reported is the median of the passes' shares. "If only the matmuls took time": the
 chunk's FLOPs over the matmuls' time alone, as a share of the reference, the most any work on the other ops

@@ -49,7 +49,8 @@ def step_flops(module, batch, quantiles: torch.Tensor) -> float:
         quantile_loss(module(batch), torch.zeros(rows, horizons), quantiles).backward()
     module.zero_grad()
     h = module.lstm.encoder.hidden_size
-    lstm_forward = 0 if kernel_runs(module.lstm.encoder, batch.past) else 2 * 4 * h * (h + h) * rows * (steps + horizons)
+    onednn_lstm = not kernel_runs(module.lstm.encoder, batch.past)
+    lstm_forward = 2 * 4 * h * (h + h) * rows * (steps + horizons) if onednn_lstm else 0
     return counter.get_total_flops() + 3 * (lstm_forward + mix_forward_flops(module, batch))
 
 

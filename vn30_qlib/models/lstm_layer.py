@@ -1,12 +1,13 @@
 """A one-layer, batch-first ``nn.LSTM`` run by a CPU kernel: the TFT's encoder and decoder.
 
-oneDNN's LSTM layer (torch's CPU path) took about 18 ms forward + backward of the TFT encoder's (256, 20, 64) on
-this project's CPU, mostly in its backward. ``csrc/lstm_layer.cpp`` (`cpu_kernels`) projects every step's input
-in one matmul, runs each step as one small matmul and one vector pass over its gates, and computes the
-backward's weight and input gradients as three matmuls over all steps; the backward writes its step gradients
-over the gates the forward saved, so it runs once per forward (no ``retain_graph``). Same module, same
-parameters (pickles load either way). Anywhere else (a GPU, another dtype, more layers, no compiler, ``cpu_kernels.ENABLED`` off) it is
-the module's own forward; both agree to float32 rounding (tests/test_lstm_layer.py).
+oneDNN's LSTM layer (torch's CPU path) took about 18 ms forward + backward of the TFT encoder's (256, 20, 64) in a
+training chunk on this project's CPU, most of it in its backward. ``csrc/lstm_layer.cpp`` (`cpu_kernels`) projects
+every step's input in one matmul, runs each step as one small matmul and one vector pass over its gates, and
+computes the backward's weight and input gradients as three matmuls over all steps; the backward writes its step
+gradients over the gates the forward saved, so it runs once per forward (no ``retain_graph``). Same module, same
+parameters (pickles load either way). Anywhere else (a GPU, another dtype, more layers, no compiler,
+``cpu_kernels.ENABLED`` off) it is the module's own forward; both agree to float32 rounding
+(tests/test_lstm_layer.py).
 """
 from __future__ import annotations
 

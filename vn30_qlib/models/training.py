@@ -256,17 +256,19 @@ def _chunks(rows: int, chunk_rows: int | None) -> list[slice]:
 def _take_rows(x, part: slice):
     """The rows ``part`` of a batch input: a tensor, or a NamedTuple of tensors, NamedTuples or None (the TFT's
     `TFTBatch`)."""
-    if x is None or isinstance(x, torch.Tensor):
-        return None if x is None else x[part]
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        return x[part]
     return type(x)(*(_take_rows(item, part) for item in x))
 
 
 def _cut_graph(x, shared: list[tuple[torch.Tensor, torch.Tensor]]):
     """``x`` (as `_take_rows` takes it) with every tensor that carries a gradient replaced by a detached leaf, so
     the chunks' backwards stop there and sum into the leaves' ``grad``; ``shared`` collects (tensor, leaf)."""
-    if x is None or isinstance(x, torch.Tensor):
-        if x is None or not x.requires_grad:
-            return x
+    if x is None or (isinstance(x, torch.Tensor) and not x.requires_grad):
+        return x
+    if isinstance(x, torch.Tensor):
         leaf = x.detach().requires_grad_()
         shared.append((x, leaf))
         return leaf

@@ -40,10 +40,10 @@ at::Tensor elu_backward(const at::Tensor& grad, const at::Tensor& out);
 // the final h and c, and the activated gates and cell states its backward takes (and overwrites: the gates)
 std::vector<at::Tensor> lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                            const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& bias);
-std::vector<at::Tensor> lstm_layer_backward(const at::Tensor& grad_out, const at::Tensor& grad_h, const at::Tensor& grad_c,
-                                            const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
-                                            const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& out,
-                                            at::Tensor& gates, const at::Tensor& cells);
+std::vector<at::Tensor> lstm_layer_backward(const at::Tensor& grad_out, const at::Tensor& grad_h,
+                                            const at::Tensor& grad_c, const at::Tensor& x, const at::Tensor& h0,
+                                            const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                            const at::Tensor& out, at::Tensor& gates, const at::Tensor& cells);
 
 // dropout.cpp: x times a hashed dropout mask (forward and backward alike)
 at::Tensor dropout(const at::Tensor& x, int64_t dropout_seed, int64_t dropout_threshold);
