@@ -56,8 +56,12 @@ def test_torch_lstm_stands_in_where_the_kernel_does_not_run(monkeypatch):
     assert not kernel_runs(nn.LSTM(5, 8), x)  # time-major
     monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     assert not kernel_runs(lstm, x)
-    out, _ = lstm_layer(lstm, x, (h0.transpose(0, 1).transpose(0, 1), c0))
+    # a state sliced out of a wider tensor, as the TFT's static contexts are
+    strided_h0 = torch.stack([h0[0], h0[0]], dim=1)[:, 0].unsqueeze(0)
+    assert not strided_h0.is_contiguous()
+    out, _ = lstm_layer(lstm, x, (strided_h0, c0))
     assert out.grad_fn.name() != "_LSTMLayerBackward"
+    torch.testing.assert_close(out, lstm(x, (h0, c0))[0])
 
 
 def test_a_second_backward_is_refused_not_computed_from_overwritten_gates():
