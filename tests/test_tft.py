@@ -87,23 +87,25 @@ def test_static_contexts_encoded_once_give_the_same_forecasts():
         torch.testing.assert_close(torch.cat([getattr(part[1], name) for part in parts]), getattr(weights, name))
 
 
-def test_a_key_bias_would_change_no_attention_weight_and_old_models_still_load():
-    """The key projection has no bias because q . b_k shifts all of a query's scores alike; a TFT recorded with
-    one (before it was dropped) loads."""
+def test_attention_equals_projected_keys_with_any_key_bias_and_old_models_still_load():
+    """The module takes queries into the keys' space instead of projecting the keys, and has no key bias; both
+    give the textbook attention: scores q . (W_k x + b_k) per head, softmax, heads averaged, with any b_k (it
+    shifts all of a query's scores alike). A TFT recorded with a key bias (before it was dropped) loads."""
     torch.manual_seed(0)
-    attention = InterpretableMultiHeadAttention(16, num_heads=2, attention_size=4).eval()
+    heads, size = 2, 4
+    attention = InterpretableMultiHeadAttention(16, num_heads=heads, attention_size=size).eval()
     keys = torch.randn(3, 7, 16)
     mask = torch.ones(2, 7, dtype=torch.bool).tril(diagonal=5)
     out, weights = attention(keys[:, 5:], keys, mask)
+
     with torch.no_grad():
-        biased = torch.nn.Linear(16, 8)
-        biased.weight.copy_(attention.key.weight)
-        biased.bias.normal_(0.0, 3.0)
-        plain, attention.key = attention.key, biased
-        biased_out, biased_weights = attention(keys[:, 5:], keys, mask)
-        attention.key = plain
-    torch.testing.assert_close(biased_weights, weights)
-    torch.testing.assert_close(biased_out, out)
+        q = attention.query(keys[:, 5:]).view(3, 2, heads, size).transpose(1, 2)
+        k = (attention.key(keys) + torch.randn(heads * size) * 3.0).view(3, 7, heads, size).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) / size ** 0.5
+        expected = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).mean(dim=1)
+        expected_out = attention.out(expected @ attention.value(keys))
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(out, expected_out)
 
     net = TemporalFusionNetwork(n_past=5, n_future=8, horizons=2, n_quantiles=3, hidden_size=16)
     recorded = {**net.state_dict(), "attention.key.bias": torch.randn(4 * 32)}
