@@ -166,8 +166,8 @@ def pf_epoch(model, data, epochs: int) -> dict:
             "parameters": sum(p.numel() for p in tft.parameters())}
 
 
-def qrun(workflow: str, provider: str, workdir: Path, experiment: str) -> dict:
-    """Run a workflow as a user would and return its wall time and recorded metrics."""
+def run_workflow(workflow: str, provider: str, workdir: Path, experiment: str) -> tuple[float, object]:
+    """Run ``qrun workflows/{workflow}`` as a user would, in ``workdir``; its wall time and its recorder."""
     env = {**os.environ, "VN30_PROVIDER": provider, "VN30_EXPERIMENT": experiment}
     start = time.perf_counter()
     result = subprocess.run([str(Path(sys.executable).parent / "qrun"), str(REPO / "workflows" / workflow)],
@@ -175,13 +175,23 @@ def qrun(workflow: str, provider: str, workdir: Path, experiment: str) -> dict:
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"qrun {workflow} failed:\n{result.stderr[-4000:]}")
+    return seconds, open_recorder(provider, workdir, experiment)
+
+
+def open_recorder(provider: str, workdir: Path, experiment: str):
+    """The one recorder of ``experiment`` in the runs (``mlruns.db``) that qrun left in ``workdir``."""
     import qlib
     from qlib.workflow import R
 
     qlib.init(provider_uri=provider, region="cn", kernels=1,
               exp_manager={"class": "MLflowExpManager", "module_path": "qlib.workflow.expm",
                            "kwargs": {"uri": f"sqlite:///{workdir / 'mlruns.db'}", "default_exp_name": "vn30"}})
-    recorder = next(iter(R.list_recorders(experiment_name=experiment).values()))
+    return next(iter(R.list_recorders(experiment_name=experiment).values()))
+
+
+def qrun(workflow: str, provider: str, workdir: Path, experiment: str) -> dict:
+    """Run a workflow as a user would and return its wall time and recorded metrics."""
+    seconds, recorder = run_workflow(workflow, provider, workdir, experiment)
     metrics = recorder.list_metrics()
     keep = ("IC", "ICIR", "Rank IC", "Rank ICIR", "tft_coverage_10_90", "tft_quantile_crossing",
             "1day.excess_return_with_cost.annualized_return", "1day.excess_return_with_cost.information_ratio")

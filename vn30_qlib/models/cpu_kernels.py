@@ -56,7 +56,7 @@ def build() -> ModuleType | None:
     except Exception as error:  # no compiler, an unsupported platform: the torch-ops paths still work
         get_module_logger("vn30_qlib").warning(
             f"the CPU kernels (vn30_qlib/models/csrc) did not build, so the TFT's variable selection, embedding, "
-            f"gates, ELUs and LSTM layers and the sequence models' dropout run in torch's ops, about 2.1x slower a "
+            f"gates, ELUs and LSTM layers and the sequence models' dropout run in torch's ops, about 2x slower a "
             f"TFT epoch: {str(error).splitlines()[0]}")
         return None
 
