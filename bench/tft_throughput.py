@@ -180,12 +180,11 @@ def run_workflow(workflow: str, provider: str, workdir: Path, experiment: str) -
 
 def open_recorder(provider: str, workdir: Path, experiment: str):
     """The one recorder of ``experiment`` in the runs (``mlruns.db``) that qrun left in ``workdir``."""
-    import qlib
     from qlib.workflow import R
 
-    qlib.init(provider_uri=provider, region="cn", kernels=1,
-              exp_manager={"class": "MLflowExpManager", "module_path": "qlib.workflow.expm",
-                           "kwargs": {"uri": f"sqlite:///{workdir / 'mlruns.db'}", "default_exp_name": "vn30"}})
+    from vn30_qlib.loop import init_qlib_for, sqlite_tracking_uri
+
+    init_qlib_for(provider, sqlite_tracking_uri(workdir))
     return next(iter(R.list_recorders(experiment_name=experiment).values()))
 
 

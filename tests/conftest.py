@@ -63,17 +63,16 @@ def run_qrun(workflow: str, provider: Path, workdir: Path, experiment: str, extr
     import subprocess
     import sys
 
-    import qlib
     from qlib.workflow import R
+
+    from vn30_qlib.loop import init_qlib_for, sqlite_tracking_uri
 
     env = {**os.environ, "VN30_PROVIDER": str(provider), "VN30_EXPERIMENT": experiment, **(extra_env or {})}
     qrun = Path(sys.executable).parent / "qrun"
     result = subprocess.run([str(qrun), str(REPO / "workflows" / workflow)], cwd=workdir, env=env,
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, f"qrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    qlib.init(provider_uri=str(provider), region="cn", kernels=1,
-              exp_manager={"class": "MLflowExpManager", "module_path": "qlib.workflow.expm",
-                           "kwargs": {"uri": f"sqlite:///{workdir / 'mlruns.db'}", "default_exp_name": "vn30"}})
+    init_qlib_for(provider, sqlite_tracking_uri(workdir))
     recorders = R.list_recorders(experiment_name=experiment)
     assert len(recorders) == 1
     return next(iter(recorders.values()))
