@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -71,7 +70,8 @@ def test_loop_fills_the_store_and_records_the_failure(looped):
     for entry in [store_root / "symbols" / s / "lgb" for s in SYMBOLS] + [store_root / "pooled" / "lgb"]:
         version = store.latest(entry)
         assert version == entry / "v0001"
-        assert {p.name for p in version.iterdir()} == {"model.pkl", "config.yaml", "pred.pkl", "metadata.json"}
+        assert {p.name for p in version.iterdir()} == {"model", "config.yaml", "predictions.parquet", "metadata.json"}
+        assert [p.name for p in (version / "model").iterdir()] == ["model.txt"]
         meta = store.read_metadata(version)
         for key in ("provider", "config_hash", "data_span", "seed", "packages", "metrics", "timings",
                     "mlflow_run_id", "created"):
@@ -89,7 +89,7 @@ def test_second_run_trains_nothing_and_force_retrains(looped, small_workflow, si
     forced = run_loop([small_workflow], sim_provider(0.1), store_root, symbols=["ACB"], modes=["per_symbol"],
                       force=True, progress=False)
     assert forced[0]["status"] == "done" and store.latest(store_root / "symbols" / "ACB" / "lgb").name == "v0002"
-    assert (store_root / "symbols" / "ACB" / "lgb" / "v0001" / "model.pkl").is_file(), "versions are never overwritten"
+    assert (store_root / "symbols" / "ACB" / "lgb" / "v0001" / "model" / "model.txt").is_file(), "versions are never overwritten"
 
 
 def test_validate_catches_tampering(looped, tmp_path):
@@ -99,15 +99,16 @@ def test_validate_catches_tampering(looped, tmp_path):
 
     version = tmp_path / "v0001"
     shutil.copytree(source, version)
-    (version / "model.pkl").write_bytes((version / "model.pkl").read_bytes()[:-10] + b"0123456789")
-    with pytest.raises(store.StoreError, match="model.pkl does not match the checksum"):
+    model_file = version / "model" / "model.txt"
+    model_file.write_bytes(model_file.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(store.StoreError, match="model/model.txt does not match the checksum"):
         store.validate(version)
     shutil.rmtree(version)
     shutil.copytree(source, version)
     # a consistent-looking but different model: swap in the pooled model and fix the checksum
-    (version / "model.pkl").write_bytes((store.latest(store_root / "pooled" / "lgb") / "model.pkl").read_bytes())
+    model_file.write_bytes((store.latest(store_root / "pooled" / "lgb") / "model" / "model.txt").read_bytes())
     meta = store.read_metadata(version)
-    meta["sha256"]["model.pkl"] = store.sha256_file(version / "model.pkl")
+    meta["sha256"]["model/model.txt"] = store.sha256_file(model_file)
     (version / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(store.StoreError, match="re-prediction differs"):
         store.validate(version)

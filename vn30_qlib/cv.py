@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from vn30_qlib.loop import create_tracking_store
 from vn30_qlib.metrics import cross_sectional_metrics
 from vn30_qlib.workflow_config import load_workflow
 
@@ -104,8 +105,7 @@ def cross_validate(task: dict, folds: list[Fold], tracking_uri: str, run_name: s
     from qlib.workflow import R
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(CV_EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(CV_EXPERIMENT)
+    experiment_id = create_tracking_store(tracking_uri, CV_EXPERIMENT)
     parent = client.create_run(experiment_id, run_name=run_name)
     per_fold = []
     status = "FAILED"

@@ -15,15 +15,19 @@ import ctypes.util
 import gc
 import hashlib
 import json
+import os
 import platform
+import tempfile
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import filelock
 import pandas as pd
 
 from vn30_qlib import store
@@ -130,8 +134,8 @@ def fit_entry(entry: LoopEntry, provider: str, store_root: str, force: bool = Fa
         task_hash = config_hash(task)
         fingerprint = provider_fingerprint(provider)
         target = store.entry_dir(store_root, entry.model, entry.symbol)
-        current = store.latest(target)
-        if current and not force and _same_fit(current, task_hash, fingerprint):
+        current = None if force else store.latest(target)
+        if current and _same_fit(current, task_hash, fingerprint):
             return {**asdict(entry), "status": "skipped", "version": str(current)}
         version, stored = _fit_and_store(entry, task, task_hash, fingerprint, provider, target,
                                          tracking_uri or sqlite_tracking_uri(store_root), force)
@@ -163,13 +167,40 @@ def _same_fit(version: Path, task_hash: str, fingerprint: dict) -> bool:
 
 def _record_outcome(store_root: Path, entry: LoopEntry, result: dict) -> None:
     """Written by the driver, which sees the store even when a worker died: failures/{entry}.json while an
-    entry fails, removed once it is done."""
+    entry fails (replaced atomically), removed once it is done. A store that cannot be written stops the loop
+    with a `StoreError`."""
     path = _failure_path(store_root, entry)
-    if result["status"] == "failed":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-    else:
-        path.unlink(missing_ok=True)
+    try:
+        if result["status"] == "failed":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.partial")
+            partial.write_text(json.dumps(result, indent=2))
+            os.replace(partial, path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as error:
+        raise _unwritable(store_root, error) from error
+
+
+def _unwritable(store_root: Path, error: OSError) -> store.StoreError:
+    return store.StoreError(f"cannot write the model store {store_root}: {error.strerror or error} "
+                            f"({error.filename or store_root}); free space or choose a writable --store")
+
+
+def _require_writable(store_root: Path) -> None:
+    """Create the store folder and write and remove a probe file in it: a read-only or full store fails here,
+    before any fit, with one message."""
+    try:
+        store_root.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=store_root)
+        try:
+            os.write(handle, b"probe")
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+            os.unlink(probe)
+    except OSError as error:
+        raise _unwritable(store_root, error) from error
 
 
 def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: dict, provider: str, target: Path,
@@ -197,7 +228,7 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
         label = dataset.prepare("test", col_set="label", data_key=DataHandlerLP.DK_R).iloc[:, 0]
         learnt_label = dataset.prepare("test", col_set="label", data_key=DataHandlerLP.DK_L).iloc[:, 0]
         metrics = evaluate(pred, label, learnt_label, entry.mode)
-        R.save_objects(**{"pred.pkl": pred, "label.pkl": label})
+        R.save_objects(**{"pred.pkl": pred, "label.pkl": label})  # the recorder's own copies (Qlib's convention)
         R.log_metrics(**_flat_numbers(metrics))
         run_id = R.get_recorder().id
     segments = task["dataset"]["kwargs"]["segments"]
@@ -210,11 +241,12 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
         "metrics": metrics, "timings": timings, "mlflow_run_id": run_id, "mlflow_tracking_uri": tracking_uri,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    predictions = pred.rename("score").to_frame().assign(label=label.reindex(pred.index))
     with store.entry_lock(target):
-        current = store.latest(target)
-        if current and not force and _same_fit(current, task_hash, fingerprint):
+        current = None if force else store.latest(target)
+        if current and _same_fit(current, task_hash, fingerprint):
             return current, False
-        return store.save_version(target, model, task, pred, metadata), True
+        return store.save_version(target, model, task, predictions, metadata), True
 
 
 def evaluate(pred: pd.Series, label: pd.Series, learnt_label: pd.Series, mode: str) -> dict:
@@ -247,13 +279,30 @@ def sqlite_tracking_uri(folder: Path) -> str:
     return f"sqlite:///{folder.resolve() / 'mlruns.db'}"
 
 
-def create_tracking_store(tracking_uri: str, experiment: str = EXPERIMENT) -> None:
-    """Create the tracking store and the experiment once, before workers start (parallel schema setup races)."""
+def create_tracking_store(tracking_uri: str, experiment: str = EXPERIMENT) -> str:
+    """Create the tracking store and the experiment if missing; returns the experiment id.
+
+    An sqlite store is created under a file lock next to it (``mlruns.db.lock``): two processes setting up
+    one fresh database race on its schema (``duplicate column name``). Its experiments keep their artifacts
+    in ``mlruns/`` beside the database, not in the ``./mlruns`` of whatever folder the process started in.
+    """
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    if client.get_experiment_by_name(experiment) is None:
-        client.create_experiment(experiment)
+    database = _sqlite_path(tracking_uri)
+    lock = filelock.FileLock(f"{database}.lock") if database else nullcontext()
+    with lock:
+        client = MlflowClient(tracking_uri=tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        artifacts = (database.parent / "mlruns").as_uri() if database else None
+        return client.create_experiment(experiment, artifact_location=artifacts)
+
+
+def _sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of an ``sqlite:///`` tracking URI (None for a server or another store)."""
+    prefix = "sqlite:///"
+    return Path(tracking_uri[len(prefix):]).resolve() if tracking_uri.startswith(prefix) else None
 
 
 def plan(workflows: Sequence[str | Path], provider: str | Path, symbols: Iterable[str] | None = None,
@@ -289,7 +338,7 @@ def run_loop(workflows: Sequence[str | Path], provider: str | Path, store_root: 
     provider = str(Path(provider).expanduser().resolve())
     store_root = Path(store_root).resolve()
     entries = plan(workflows, provider, symbols, modes)
-    store_root.mkdir(parents=True, exist_ok=True)
+    _require_writable(store_root)
     tracking_uri = tracking_uri or sqlite_tracking_uri(store_root)
     create_tracking_store(tracking_uri)
     calls = [(entry, provider, str(store_root), force, tracking_uri) for entry in entries]

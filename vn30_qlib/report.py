@@ -1,7 +1,7 @@
 """The loop's benchmark report: Markdown + self-contained HTML, PNG plots, and CSV/JSON exports of every metric.
 
-Built from the model store (latest version of every entry, failures) and the recorder (the raw test labels
-of the pooled runs, for the cumulative-IC plot). The CSV/JSON export is the baseline the next study
+Built from the model store alone, reading only each latest version's metadata, config and stored predictions
+(with their raw test labels), never a model; and the failure records. The CSV/JSON export is the baseline the next study
 (concept-drift adaptation, DDG-DA) compares against.
 """
 from __future__ import annotations
@@ -85,16 +85,13 @@ def _distribution_plot(metrics: pd.DataFrame) -> bytes:
 
 
 def _cumulative_ic_plot(pooled: pd.DataFrame, root: Path) -> bytes | None:
-    from mlflow.tracking import MlflowClient
-
     if pooled.empty:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for _, row in pooled.iterrows():
-        pred = pd.read_pickle(root / row["version"] / "pred.pkl")
-        client = MlflowClient(tracking_uri=store.read_metadata(root / row["version"])["mlflow_tracking_uri"])
-        label = pd.read_pickle(client.download_artifacts(row["mlflow_run_id"], "label.pkl"))
-        daily_ic(pred, label.iloc[:, 0] if isinstance(label, pd.DataFrame) else label).cumsum().plot(ax=ax, label=row["model"])
+        version = root / row["version"]
+        stored = store.read_predictions(version, store.read_metadata(version))
+        daily_ic(stored["score"], stored["label"]).cumsum().plot(ax=ax, label=row["model"])
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_ylabel("cumulative daily Rank IC (pooled)")
     ax.legend()
@@ -103,7 +100,7 @@ def _cumulative_ic_plot(pooled: pd.DataFrame, root: Path) -> bytes | None:
 
 def describe_setup(version: Path) -> dict:
     """Universe, period, label and costs of a stored version, stated next to every metric of the report."""
-    _, task, _, meta = store.load(version)
+    task, meta = store.read_task(version), store.read_metadata(version)
     handler = task["dataset"]["kwargs"]["handler"]["kwargs"]
     backtest = next((r["kwargs"]["config"] for r in task.get("record", []) if r["class"] == "VN30PortAnaRecord"), None)
     costs = "none: prediction metrics only"
@@ -131,7 +128,7 @@ def build_report(store_root: str | Path, out_dir: str | Path) -> dict[str, Path]
     out.mkdir(parents=True, exist_ok=True)
     metrics, pooled, failures = collect(root)
     if metrics.empty:
-        raise ValueError(f"{root}: no stored versions to report on")
+        raise store.StoreError(f"{root}: no stored versions to report on")
     header = describe_setup(root / metrics["version"].iloc[0])
     images = {"rank_ic_distribution.png": _distribution_plot(metrics)}
     cumulative = _cumulative_ic_plot(pooled, root)

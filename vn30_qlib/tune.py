@@ -85,6 +85,7 @@ def tune(workflow: str | Path, provider: str | Path, out_dir: str | Path = "tuni
         study.enqueue_trial(start)
     finished = sum(t.state.is_finished() for t in study.trials)
     remaining = max(0, (n_trials or space.get("n_trials", 20)) - finished)
+    create_tracking_store(sqlite_tracking_uri(out_dir), CV_EXPERIMENT)
     if executor == "local" and jobs == 1:
         run_trials(workflow, provider, out_dir, remaining)
     else:
@@ -92,7 +93,6 @@ def tune(workflow: str | Path, provider: str | Path, out_dir: str | Path = "tuni
 
         from vn30_qlib.executors import WorkerDied, run_calls
 
-        create_tracking_store(sqlite_tracking_uri(out_dir), CV_EXPERIMENT)
         # each call samples with its own seed: one seed in every worker would draw the same parameters
         calls = [(workflow, provider, out_dir, 1, space.get("seed", 0) + finished + i) for i in range(remaining)]
         for _, outcome in run_calls(run_trials, calls, executor, jobs, ray_address,

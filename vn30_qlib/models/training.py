@@ -117,10 +117,20 @@ class CpuPickledModel:
         self.__dict__.update(state)
         self.module = None
         if weights is not None:
-            self.module = self._build_module()
-            self.module.load_state_dict(weights)
-            device = torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
-            self.module.to(device).eval()
+            self._restore_module(weights)
+
+    def _module_weights(self) -> dict[str, torch.Tensor]:
+        """The fitted network's weights as CPU tensors (what the model store saves)."""
+        if self.module is None:
+            raise ValueError("the model is not fitted yet")
+        return _cpu_state(self.module)
+
+    def _restore_module(self, weights: dict[str, torch.Tensor]) -> None:
+        """Rebuild ``module`` from CPU ``weights``, on the GPU when the model's ``device`` allows one."""
+        module = self._build_module()
+        module.load_state_dict(weights)
+        device = torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
+        self.module = module.to(device).eval()
 
 
 @dataclass
@@ -313,7 +323,7 @@ def _save_checkpoint(path: Path, module, optimizer, state: dict) -> None:
         **state,
         "module": _cpu_state(module),
         "optimizer": optimizer.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate()},
     }
     partial = path.with_suffix(path.suffix + ".partial")
     torch.save(payload, partial)
@@ -321,11 +331,18 @@ def _save_checkpoint(path: Path, module, optimizer, state: dict) -> None:
 
 
 def _load_checkpoint(path: Path, module, optimizer) -> dict:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
     module.load_state_dict(payload.pop("module"))
     optimizer.load_state_dict(payload.pop("optimizer"))
     rng = payload.pop("rng")
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
+    name, key, position, has_gauss, cached_gaussian = rng["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     random.setstate(rng["python"])
     return payload
+
+
+def _numpy_rng_state() -> tuple:
+    """NumPy's global RNG state with its key as a tensor, so the checkpoint loads with ``weights_only=True``."""
+    name, key, position, has_gauss, cached_gaussian = np.random.get_state()
+    return name, torch.from_numpy(key.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian)

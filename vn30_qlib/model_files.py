@@ -1,0 +1,116 @@
+"""How each model class the store keeps becomes files that hold numbers and names, never code, and back.
+
+- LightGBM (Qlib's ``LGBModel``): the booster's text model, ``model.txt``.
+- `LSTM`, `TFT`: the network's ``state_dict`` as ``weights.pt`` (with the TFT's fitted arrays), read with
+  ``torch.load(weights_only=True)``, and the plain fitted state (names, flags, history) as ``fitted.json``.
+- `SeedEnsemble`: one such folder per member, ``seed{s}/``.
+
+Reading builds the model from its stored config (Qlib's ``init_instance_by_config``) and sets the fitted state
+back. Any other model class is refused when writing: there is no pickle fallback.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightgbm
+import numpy as np
+import pandas as pd
+import torch
+from qlib.contrib.model.gbdt import LGBModel
+from qlib.utils import init_instance_by_config
+
+from vn30_qlib.models.lstm import LSTM
+from vn30_qlib.models.seed_ensemble import SeedEnsemble
+from vn30_qlib.models.tft import TFT
+from vn30_qlib.store import StoreError, read_file
+
+SUPPORTED = "LightGBM's LGBModel, vn30_qlib's LSTM and TFT, and SeedEnsembles of these"
+
+
+def write_model(model: Any, folder: Path) -> None:
+    """Write a fitted ``model`` into the new folder ``folder``; `StoreError` for a class the store cannot keep."""
+    if not isinstance(model, (SeedEnsemble, LGBModel, LSTM, TFT)):
+        raise StoreError(f"cannot store a {type(model).__module__}.{type(model).__name__}: the store keeps only "
+                         f"models it can rebuild without unpickling ({SUPPORTED})")
+    folder.mkdir()
+    if isinstance(model, SeedEnsemble):
+        for seed, member in zip(model.seeds, model.members):
+            write_model(member, folder / f"seed{seed}")
+    elif isinstance(model, LGBModel):
+        (folder / "model.txt").write_text(model.model.model_to_string())
+    else:
+        tensors, fitted = _lstm_state(model) if isinstance(model, LSTM) else _tft_state(model)
+        torch.save(tensors, folder / "weights.pt")
+        (folder / "fitted.json").write_text(json.dumps(fitted))
+
+
+def read_model(config: dict, folder: Path) -> Any:
+    """The model ``config`` builds, with the fitted state stored in ``folder`` set back (``config`` must have
+    passed `vn30_qlib.store.require_trusted_classes`)."""
+    return _restore(init_instance_by_config(config), folder)
+
+
+def _restore(model: Any, folder: Path) -> Any:
+    if isinstance(model, SeedEnsemble):
+        # the members are built as the ensemble's fit builds them (its seed, its checkpoint folder)
+        model.members = [_restore(model._member(seed), folder / f"seed{seed}") for seed in model.seeds]
+    elif isinstance(model, LGBModel):
+        model.model = read_file(folder / "model.txt", lambda p: lightgbm.Booster(model_str=p.read_text()),
+                                "a LightGBM text model")
+    elif isinstance(model, (LSTM, TFT)):
+        tensors = read_file(folder / "weights.pt", lambda p: torch.load(p, map_location="cpu", weights_only=True),
+                            "torch tensors")
+        fitted = read_file(folder / "fitted.json", lambda p: json.loads(p.read_text()), "JSON")
+        try:
+            (_set_lstm_state if isinstance(model, LSTM) else _set_tft_state)(model, tensors, fitted)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:  # names or shapes the config does not fit
+            raise StoreError(f"{folder}: the stored state does not fit the model its config.yaml builds "
+                             f"({type(error).__name__}: {error})") from error
+    else:
+        raise StoreError(f"{folder.parent / 'config.yaml'}: builds a {type(model).__name__}, not one of the models "
+                         f"the store keeps ({SUPPORTED})")
+    return model
+
+
+def _lstm_state(model: LSTM) -> tuple[dict[str, torch.Tensor], dict]:
+    return model._module_weights(), {"d_feat": model.d_feat, "bf16": model.bf16, "history": model.history}
+
+
+def _set_lstm_state(model: LSTM, tensors: dict[str, torch.Tensor], fitted: dict) -> None:
+    model.d_feat, model.bf16, model.history = fitted["d_feat"], fitted["bf16"], fitted["history"]
+    model._restore_module(tensors)
+
+
+def _tft_state(model: TFT) -> tuple[dict[str, torch.Tensor], dict]:
+    """The network's weights (``module.*``), the train-segment scales and the importance tables as tensors; the
+    names that index them as JSON."""
+    tensors = {f"module.{name}": weight for name, weight in model._module_weights().items()}
+    tensors |= {"label_scale": torch.from_numpy(np.asarray(model.label_scale, dtype="float32")),
+                "calendar_mean": torch.from_numpy(model.calendar_mean.to_numpy("float64")),
+                "calendar_std": torch.from_numpy(model.calendar_std.to_numpy("float64"))}
+    importance = {}
+    for key, table in model.importance.items():
+        tensors[f"importance.{key}"] = torch.from_numpy(table.to_numpy("float64"))
+        importance[key] = {"index": table.index.tolist(), "index_name": table.index.name,
+                           "columns": table.columns.tolist() if isinstance(table, pd.DataFrame) else None,
+                           "name": table.name if isinstance(table, pd.Series) else None}
+    fitted = {"past_names": model.past_names, "calendar_names": model.calendar_mean.index.tolist(),
+              "importance": importance, "history": model.history}
+    return tensors, fitted
+
+
+def _set_tft_state(model: TFT, tensors: dict[str, torch.Tensor], fitted: dict) -> None:
+    model.past_names, model.history = fitted["past_names"], fitted["history"]
+    model.label_scale = tensors["label_scale"].numpy()
+    model.calendar_mean = pd.Series(tensors["calendar_mean"].numpy(), index=fitted["calendar_names"])
+    model.calendar_std = pd.Series(tensors["calendar_std"].numpy(), index=fitted["calendar_names"])
+    model.importance = {}
+    for key, spec in fitted["importance"].items():
+        values = tensors[f"importance.{key}"].numpy()
+        index = pd.Index(spec["index"], name=spec["index_name"])
+        model.importance[key] = (pd.Series(values, index=index, name=spec["name"]) if spec["columns"] is None
+                                 else pd.DataFrame(values, index=index, columns=spec["columns"]))
+    model._restore_module({name.removeprefix("module."): weight for name, weight in tensors.items()
+                           if name.startswith("module.")})
