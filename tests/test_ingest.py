@@ -240,7 +240,7 @@ def test_real_exports_round_trip_through_qlib(real_provider, shared_vn30):
     data = D.features(D.instruments("vn30"), ["$close", "$volume", "$change"])
     assert sorted(data.index.get_level_values("instrument").unique()) == sorted(constituents)
     for symbol in constituents:
-        raw = read_export(shared_vn30 / "prices" / f"{symbol}.csv", IngestOptions(), 1.0)
+        raw = read_export(shared_vn30 / "prices" / f"{symbol}.csv", None, 1.0)
         cleaned, _ = clean_bars(raw, CleaningRules())
         got = data.xs(symbol, level="instrument").dropna(subset=["$close"])
         assert len(got) == report[symbol]["rows_kept"], symbol

@@ -12,8 +12,10 @@ DEFAULT_PROVIDER = "~/.qlib/qlib_data/vn30_sim"
 def _data_ingest(args: argparse.Namespace) -> int:
     from vn30_qlib.data.ingest import IngestOptions, format_report, ingest
 
-    report = ingest(args.source, args.out, index_file=args.index,
-                    options=IngestOptions(date_column=args.date_column, price_unit=args.price_unit))
+    options = IngestOptions(date_column=args.date_column, index_date_column=args.index_date_column,
+                            price_unit=args.price_unit)
+    report = ingest(args.source, args.out, index_file=args.index, options=options, universe_file=args.universe,
+                    force=args.force)
     print(format_report(report))
     print(f"provider written to {Path(args.out).expanduser()} (report: ingest_report.json)")
     return 0
@@ -22,7 +24,7 @@ def _data_ingest(args: argparse.Namespace) -> int:
 def _data_simulate(args: argparse.Namespace) -> int:
     from vn30_qlib.data.simulate import write_simulated_provider
 
-    out = write_simulated_provider(args.out, seed=args.seed, signal=args.signal)
+    out = write_simulated_provider(args.out, seed=args.seed, signal=args.signal, force=args.force)
     print(f"simulated VN30 market (seed {args.seed}, signal {args.signal}) written to {out}")
     return 0
 
@@ -88,15 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = data.add_parser("ingest", help="CSV exports (one file per symbol) -> Qlib provider")
     p.add_argument("--source", required=True, help="folder of {SYMBOL}.csv files")
-    p.add_argument("--out", required=True, help="provider folder to write (replaced only when complete)")
+    p.add_argument("--out", required=True, help="provider folder to write: a new or empty folder, or a provider "
+                                                "vn30-qlib wrote (replaced only when complete)")
+    p.add_argument("--force", action="store_true", help="replace a Qlib provider another tool wrote at --out")
     p.add_argument("--index", help="optional index CSV, ingested as instrument VN30 (market 'index')")
-    p.add_argument("--date-column", default="time", help="name of the date column (default: time)")
+    p.add_argument("--universe", help="symbols of market vn30: a CSV with a 'symbol' column or one symbol per line "
+                                      "(default: every file; all files go to market 'all')")
+    p.add_argument("--date-column", help="date column of the price files (default: 'time' or 'date')")
+    p.add_argument("--index-date-column", help="date column of the index file (default: 'time' or 'date')")
     p.add_argument("--price-unit", default="thousand_vnd", choices=["thousand_vnd", "vnd"],
                    help="unit of the input prices; the provider always stores thousands of VND")
     p.set_defaults(handler=_data_ingest)
 
     p = data.add_parser("simulate", help="write the simulated VN30 market (the offline default)")
-    p.add_argument("--out", default=DEFAULT_PROVIDER, help=f"provider folder (default: {DEFAULT_PROVIDER})")
+    p.add_argument("--out", default=DEFAULT_PROVIDER, help=f"provider folder (default: {DEFAULT_PROVIDER}); "
+                                                           "the same rules as data ingest --out")
+    p.add_argument("--force", action="store_true", help="replace a Qlib provider another tool wrote at --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--signal", type=float, default=0.05,
                    help="strength of the planted predictable component (0 = pure noise)")

@@ -1,4 +1,8 @@
-"""Read a provider back through `qlib.init` + `D.features` and prove every field round-trips."""
+"""Read a provider back through `qlib.init` + `D.features` and prove every field round-trips.
+
+Before Qlib reads anything, every ``.bin`` of every listed instrument is checked on disk: it must exist, fit
+the calendar and hold no inf (NaN marks a day without a bar).
+"""
 from __future__ import annotations
 
 import json
@@ -9,7 +13,7 @@ import pandas as pd
 import qlib
 from qlib.data import D
 
-from vn30_qlib.data.provider import FIELDS, read_calendar, read_instruments
+from vn30_qlib.data.provider import FIELDS, read_calendar, read_instruments, recover_interrupted_swap
 
 
 def init_qlib(provider_dir: str | Path) -> None:
@@ -25,18 +29,23 @@ def check_provider(provider_dir: str | Path) -> dict:
     and ``problems``: a list of human-readable failures (empty when the provider is sound).
     """
     root = Path(provider_dir).expanduser()
+    recover_interrupted_swap(root)
     if not (root / "calendars" / "day.txt").is_file():
         raise FileNotFoundError(f"{root}: not a Qlib provider (calendars/day.txt missing)")
     init_qlib(root)
     calendar = read_calendar(root)
     markets = sorted(p.stem for p in (root / "instruments").glob("*.txt"))
     symbols = sorted(set().union(*(read_instruments(root, m)["symbol"] for m in markets)))
-    data = D.features(symbols, [f"${f}" for f in FIELDS], start_time=calendar[0], end_time=calendar[-1])
-    data.columns = list(FIELDS)
+    bin_problems = {symbol: _check_bins(root, symbol, calendar) for symbol in symbols}
+    problems = [problem for symbol in symbols for problem in bin_problems[symbol]]
+    readable = [symbol for symbol in symbols if not bin_problems[symbol]]
+    if readable:
+        data = D.features(readable, [f"${f}" for f in FIELDS], start_time=calendar[0], end_time=calendar[-1])
+        data.columns = list(FIELDS)
     report_path = root / "ingest_report.json"
     ingest_report = json.loads(report_path.read_text())["symbols"] if report_path.exists() else {}
-    problems, per_symbol = [], {}
-    for symbol in symbols:
+    per_symbol = {}
+    for symbol in readable:
         loaded = data.xs(symbol, level="instrument") if symbol in data.index.get_level_values(0) else data.iloc[:0]
         per_symbol[symbol] = {
             "bars": int(loaded["close"].notna().sum()),
@@ -60,10 +69,33 @@ def check_provider(provider_dir: str | Path) -> dict:
             "symbols": per_symbol, "problems": problems}
 
 
+def _check_bins(root: Path, symbol: str, calendar: pd.DatetimeIndex) -> list[str]:
+    """Problems of the instrument's ``.bin`` files on disk, each starting with the symbol: missing, not
+    fitting the calendar, or holding an infinite value (named by field and day)."""
+    folder = root / "features" / symbol.lower()
+    if not folder.is_dir():
+        return [f"{symbol}: listed in instruments/ but {folder} is missing"]
+    problems = []
+    for field in FIELDS:
+        path = folder / f"{field}.day.bin"
+        if not path.is_file():
+            problems.append(f"{symbol}.{field}: {path} missing")
+            continue
+        stored = np.fromfile(path, dtype="<f4")
+        start = float(stored[0]) if len(stored) else float("nan")
+        if len(stored) < 2 or not start.is_integer() or not 0 <= start <= len(calendar) - (len(stored) - 1):
+            problems.append(f"{symbol}.{field}: {path} does not fit the {len(calendar)}-day calendar")
+            continue
+        infinite = np.flatnonzero(np.isinf(stored[1:]))
+        if len(infinite):
+            day = calendar[int(start) + int(infinite[0])]
+            problems.append(f"{symbol}.{field}: non-finite value {stored[1 + infinite[0]]} on {day:%Y-%m-%d} "
+                            f"({len(infinite)} in all) in {path}")
+    return problems
+
+
 def _compare_with_bin(root: Path, symbol: str, field: str, loaded: pd.Series, calendar: pd.DatetimeIndex) -> str | None:
     path = root / "features" / symbol.lower() / f"{field}.day.bin"
-    if not path.is_file():
-        return f"{symbol}.{field}: {path} missing"
     stored = np.fromfile(path, dtype="<f4")
     start = int(stored[0])
     expected = pd.Series(stored[1:], index=calendar[start : start + len(stored) - 1])

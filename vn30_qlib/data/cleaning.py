@@ -3,6 +3,8 @@
 The defects below were all found in real vnstock/TCBS exports of the VN30 stocks:
 
 removed
+  nonfinite_value        inf, -inf, or a number beyond float32's range (e.g. a volume of 1e50): the provider
+                         stores float32, where it would become inf
   missing_value          an empty open/high/low/close/volume cell
   weekend_date           a bar dated Saturday or Sunday (HOSE never trades then)
   duplicate_row          a second copy of a bar already read (same date, same values): paginated downloads
@@ -17,6 +19,8 @@ removed
                          bars on 2018-01-23/24); without the bar Qlib's exchange sees the day as suspended
   isolated_date          a date only one file has while at least ``isolated_min_active`` files cover it:
                          a stray bar on a market holiday
+  not_a_stock_day        an index bar on a day no stock traded (e.g. an index export that runs past the
+                         stock exports' last day): the calendar is the stocks' trading days
 repaired
   reordered              a bar that appears after later dates (downloads re-append blocks): rows are sorted
   ohlc_envelope          open or close a little outside [low, high] (rounding of the back-adjustment):
@@ -34,11 +38,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from vn30_qlib.data.provider import BAR_FIELDS
+from vn30_qlib.data.provider import BAR_FIELDS, FLOAT32_MAX
 
 PRICES = ["open", "high", "low", "close"]
-REMOVED = ("missing_value", "weekend_date", "duplicate_row", "conflicting_duplicate", "nonpositive_price",
-           "negative_volume", "zero_volume", "corrupt_bar", "price_spike", "isolated_date")
+REMOVED = ("nonfinite_value", "missing_value", "weekend_date", "duplicate_row", "conflicting_duplicate",
+           "nonpositive_price", "negative_volume", "zero_volume", "corrupt_bar", "price_spike", "isolated_date",
+           "not_a_stock_day")
 REPAIRED = ("reordered", "ohlc_envelope")
 FLAGGED = ("beyond_price_limit",)
 
@@ -61,19 +66,18 @@ def clean_bars(raw: pd.DataFrame, rules: CleaningRules) -> tuple[pd.DataFrame, d
     """
     report = {"rows_read": len(raw), "removed": {r: [] for r in REMOVED},
               "repaired": {r: [] for r in REPAIRED}, "flagged": {r: [] for r in FLAGGED}}
-    frame = raw.copy()
+    frame = raw  # no step below changes a frame in place: ``raw`` stays as it was
 
     def remove(mask: pd.Series, reason: str) -> None:
         nonlocal frame
-        report["removed"][reason].extend(frame.loc[mask, "line"].tolist())
-        frame = frame.loc[~mask]
+        if mask.any():  # a copy only where rows go: memory stays near one frame on clean input
+            report["removed"][reason].extend(frame.loc[mask, "line"].tolist())
+            frame = frame.loc[~mask]
 
-    remove(frame[list(BAR_FIELDS)].isna().any(axis=1), "missing_value")
+    remove(_any_column(frame, BAR_FIELDS, lambda v: np.abs(v) > FLOAT32_MAX), "nonfinite_value")
+    remove(_any_column(frame, BAR_FIELDS, np.isnan), "missing_value")
     remove(frame["date"].dt.day_of_week >= 5, "weekend_date")
-    same_date = frame["date"].duplicated(keep=False)
-    distinct_versions = frame[same_date].drop_duplicates(["date", *BAR_FIELDS]).groupby("date").size()
-    conflicting = frame["date"].isin(distinct_versions.index[distinct_versions > 1])
-    remove(conflicting, "conflicting_duplicate")
+    remove(_conflicting_dates(frame), "conflicting_duplicate")
     remove(frame["date"].duplicated(keep="first"), "duplicate_row")
 
     earlier_max = frame["date"].cummax().shift(1)
@@ -87,10 +91,11 @@ def clean_bars(raw: pd.DataFrame, rules: CleaningRules) -> tuple[pd.DataFrame, d
     remove(violation > rules.envelope_tolerance, "corrupt_bar")
     violation = violation.loc[frame.index]
     envelope = violation > 0
-    report["repaired"]["ohlc_envelope"].extend(frame.loc[envelope, "line"].tolist())
-    frame = frame.copy()
-    frame.loc[envelope, "high"] = frame.loc[envelope, PRICES].max(axis=1)
-    frame.loc[envelope, "low"] = frame.loc[envelope, PRICES].min(axis=1)
+    if envelope.any():
+        report["repaired"]["ohlc_envelope"].extend(frame.loc[envelope, "line"].tolist())
+        frame = frame.copy()
+        frame.loc[envelope, "high"] = frame.loc[envelope, PRICES].max(axis=1)
+        frame.loc[envelope, "low"] = frame.loc[envelope, PRICES].min(axis=1)
     remove(_reverting_spikes(frame["close"], rules.spike_threshold), "price_spike")
 
     frame = frame.set_index("date")
@@ -102,6 +107,29 @@ def clean_bars(raw: pd.DataFrame, rules: CleaningRules) -> tuple[pd.DataFrame, d
         for reason in report[kind]:
             report[kind][reason] = sorted(int(line) for line in report[kind][reason])
     return frame, report
+
+
+def _conflicting_dates(frame: pd.DataFrame) -> pd.Series:
+    """Rows whose date has another row with different values (NaN-free bars): each row is compared with the
+    first row of its date, one column at a time, so memory stays a few arrays whatever the duplication."""
+    codes, _ = pd.factorize(frame["date"])
+    _, first_row = np.unique(codes, return_index=True)
+    reference = first_row[codes]
+    differs = np.zeros(len(frame), dtype=bool)
+    for column in BAR_FIELDS:
+        values = frame[column].to_numpy()
+        differs |= values != values[reference]
+    conflicted = np.zeros(len(first_row), dtype=bool)
+    conflicted[codes[differs]] = True
+    return pd.Series(conflicted[codes], index=frame.index)
+
+
+def _any_column(frame: pd.DataFrame, columns, test) -> pd.Series:
+    """Rows where ``test`` holds in any of ``columns``, one column at a time (no copy of the frame)."""
+    hit = np.zeros(len(frame), dtype=bool)
+    for column in columns:
+        hit |= test(frame[column].to_numpy())
+    return pd.Series(hit, index=frame.index)
 
 
 def _envelope_violation(frame: pd.DataFrame) -> pd.Series:
@@ -133,6 +161,14 @@ def drop_isolated_dates(cleaned: dict[str, pd.DataFrame], reports: dict[str, dic
                 reports[symbol]["removed"]["isolated_date"].append(int(frame.at[date, "line"]))
                 out[symbol] = out[symbol].drop(index=date)
     return out
+
+
+def drop_days_outside(frame: pd.DataFrame, report: dict, calendar: pd.DatetimeIndex) -> tuple[pd.DataFrame, pd.DatetimeIndex]:
+    """Remove the bars of ``frame`` (an index) dated outside ``calendar`` (the stocks' trading days) as
+    ``not_a_stock_day``; returns the kept bars and the dropped days."""
+    outside = ~frame.index.isin(calendar)
+    report["removed"]["not_a_stock_day"] = sorted(int(line) for line in frame.loc[outside, "line"])
+    return frame.loc[~outside], frame.index[outside]
 
 
 def flag_missing_days(cleaned: dict[str, pd.DataFrame], reports: dict[str, dict], calendar: pd.DatetimeIndex) -> None:

@@ -6,15 +6,30 @@ Qlib's day-frequency file format:
 - ``features/{symbol lower-case}/{field}.day.bin``: little-endian float32, the first value is the calendar
   index of the instrument's first day, then one value per calendar day up to its last day (NaN where the
   instrument has no bar).
+
+Safety of ``out_dir`` (nothing this package did not write is ever deleted):
+- every provider written here holds the marker `MARKER` listing its top-level entries; ``out_dir`` may be a
+  missing path, an empty folder or a marked provider holding only those entries. A Qlib provider written by
+  something else (calendars/, instruments/, features/ and nothing more) is replaced only with ``force``;
+  any other folder, a file, the home folder, and a folder that contains or lies inside an input is refused.
+- the new provider is written into a sibling ``.NAME.writing-*`` folder (holding `WRITING_MARKER` until it
+  is complete) and exchanged with the old one atomically (Linux ``renameat2(RENAME_EXCHANGE)``), so a
+  complete provider is at ``out_dir`` at every instant. Elsewhere two renames are used and the next write
+  restores a marked ``.NAME.old-*`` folder when ``out_dir`` is missing. Each write removes the marked
+  ``.NAME.writing-*`` / ``.NAME.old-*`` leftovers of killed runs.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,6 +37,18 @@ import pandas as pd
 BAR_FIELDS = ("open", "high", "low", "close", "volume")
 DERIVED_FIELDS = ("vwap", "factor", "change")
 FIELDS = BAR_FIELDS + DERIVED_FIELDS
+MARKER = "vn30_provider.json"
+WRITING_MARKER = ".vn30_provider_writing.json"
+FORMAT_VERSION = 1
+QLIB_ENTRIES = frozenset({"calendars", "instruments", "features"})
+FLOAT32_MAX = float(np.finfo("<f4").max)
+RENAME_EXCHANGE = 2  # renameat2 flag, linux/fs.h
+AT_FDCWD = -100  # renameat2: paths relative to the working directory
+
+
+class IngestError(ValueError):
+    """Input or an output folder the data commands refuse; the message names the file and, where there is
+    one, the line. Nothing on disk has been changed when it is raised."""
 
 
 def derive_fields(bars: pd.DataFrame) -> pd.DataFrame:
@@ -52,20 +79,71 @@ def read_instruments(provider_dir: str | Path, market: str) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t", names=["symbol", "start", "end"], parse_dates=["start", "end"])
 
 
+def check_out_dir(out_dir: str | Path, inputs: Iterable[str | Path] = (), force: bool = False) -> Path:
+    """Resolve ``out_dir`` and raise `IngestError` unless writing a provider there destroys only what this
+    package wrote (see the module docstring); ``inputs`` are the files and folders the provider is made from.
+
+    A provider left at ``.NAME.old-*`` by a run killed between the two renames of a swap is moved back first.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out == Path.home().resolve() or out.parent == out:
+        raise IngestError(f"{out}: refusing to write a provider over the {'home' if out.parent != out else 'root'} "
+                          "folder; choose a new or empty folder")
+    for given in inputs:
+        source = Path(given).expanduser().resolve()
+        if source == out or source.is_relative_to(out):
+            raise IngestError(f"{out}: refusing to write the provider here, it holds the input {source}")
+        if out.is_relative_to(source):
+            raise IngestError(f"{out}: refusing to write the provider inside the input folder {source}")
+    if out.exists() and not out.is_dir():
+        raise IngestError(f"{out}: is a file, not a folder; choose a new or empty folder for the provider")
+    recover_interrupted_swap(out)
+    if not out.is_dir():
+        return out
+    entries = sorted(path.name for path in out.iterdir())
+    marker = _read_marker(out / MARKER)
+    if marker is not None:
+        foreign = sorted(set(entries) - set(marker["entries"]))
+        if foreign:
+            raise IngestError(f"{out}: a vn30-qlib provider that also holds {foreign}, which vn30-qlib did not "
+                              "write; move them out first")
+    elif entries and not _is_qlib_provider(out):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise IngestError(f"{out}: holds files vn30-qlib did not write ({shown}); choose a new or empty folder")
+    elif entries and not force:
+        raise IngestError(f"{out}: a Qlib provider not written by vn30-qlib; pass --force to replace it")
+    return out
+
+
+def recover_interrupted_swap(out_dir: str | Path) -> None:
+    """Where ``out_dir`` is missing and a marked ``.NAME.old-*`` sibling exists (a run killed between the two
+    renames of a swap without an atomic exchange), move the newest one back."""
+    out = Path(out_dir).expanduser().resolve()
+    if os.path.lexists(out) or not out.parent.is_dir():
+        return
+    olds = [p for p in _siblings(out, "old") if _read_marker(p / MARKER) is not None]
+    if olds:
+        os.rename(max(olds, key=lambda p: p.stat().st_mtime_ns), out)
+
+
 def write_provider(
     out_dir: str | Path,
     bars: Mapping[str, pd.DataFrame],
     calendar: Sequence[pd.Timestamp],
     markets: Mapping[str, Sequence[str]],
     extra_files: Mapping[str, object] | None = None,
+    inputs: Iterable[str | Path] = (),
+    force: bool = False,
 ) -> Path:
     """Write a complete provider to ``out_dir``, replacing any provider there only once all is written.
 
     ``bars`` maps a symbol to a frame indexed by date with the `BAR_FIELDS` columns; every date must be in
     ``calendar``. ``markets`` maps a market name to its symbols. ``extra_files`` maps a file name inside the
-    provider to a JSON-serialisable object. The same input always gives byte-identical files.
+    provider to a JSON-serialisable object. ``out_dir`` must pass `check_out_dir` (with ``inputs`` and
+    ``force``). The same input always gives byte-identical files.
     """
-    out_dir = Path(out_dir).expanduser().resolve()
+    inputs = list(inputs)
+    out_dir = check_out_dir(out_dir, inputs, force)
     cal = pd.DatetimeIndex(sorted(pd.to_datetime(list(calendar)))).normalize()
     if cal.has_duplicates:
         raise ValueError("calendar has duplicate days")
@@ -74,8 +152,10 @@ def write_provider(
         if unknown:
             raise ValueError(f"market {market!r} names symbols without bars: {unknown}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.writing-", dir=out_dir.parent))
     try:
+        _write_json(tmp / WRITING_MARKER, {"written_by": "vn30_qlib", "pid": os.getpid(), "host": socket.gethostname()})
         spans = _write_features(tmp, bars, cal)
         (tmp / "calendars").mkdir()
         (tmp / "calendars" / "day.txt").write_text("".join(f"{d:%Y-%m-%d}\n" for d in cal))
@@ -84,10 +164,13 @@ def write_provider(
             lines = [f"{s}\t{spans[s][0]:%Y-%m-%d}\t{spans[s][1]:%Y-%m-%d}\n" for s in sorted(symbols)]
             (tmp / "instruments" / f"{market}.txt").write_text("".join(lines))
         for name, payload in (extra_files or {}).items():
-            (tmp / name).write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+            _write_json(tmp / name, payload)
+        _write_marker(tmp, sorted(QLIB_ENTRIES | {MARKER, *(extra_files or {})}))
+        (tmp / WRITING_MARKER).unlink()
+        check_out_dir(out_dir, inputs, force)  # nothing foreign may have appeared there while writing
         _swap_into_place(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_ours(tmp)
         raise
     return out_dir
 
@@ -109,23 +192,118 @@ def _write_features(root: Path, bars: Mapping[str, pd.DataFrame], cal: pd.Dateti
         folder.mkdir(parents=True)
         for field in FIELDS:
             values = np.concatenate([[first], frame[field].to_numpy(dtype="float64")]).astype("<f4")
+            if np.isinf(values).any():
+                day = frame.index[int(np.flatnonzero(np.isinf(values))[0]) - 1]
+                raise ValueError(f"{symbol}.{field}: value {frame.at[day, field]} on {day:%Y-%m-%d} is not a finite float32")
             values.tofile(folder / f"{field}.day.bin")
         spans[symbol] = (dates[0], dates[-1])
     return spans
 
 
+def _write_json(path: Path, payload: object) -> None:
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+
+
+def _write_marker(folder: Path, entries: Sequence[str]) -> None:
+    _write_json(folder / MARKER, {"written_by": "vn30_qlib", "format": FORMAT_VERSION, "entries": list(entries)})
+
+
+def _read_marker(path: Path) -> dict | None:
+    """The marker's content when ``path`` is a marker this package wrote, else None."""
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("written_by") != "vn30_qlib":
+        return None
+    return marker if isinstance(marker.get("entries", []), list) else None
+
+
+def _is_qlib_provider(folder: Path) -> bool:
+    """calendars/, instruments/ and features/ folders and nothing else: a provider another tool wrote."""
+    return {p.name for p in folder.iterdir()} == QLIB_ENTRIES and all((folder / e).is_dir() for e in QLIB_ENTRIES)
+
+
+def _siblings(out_dir: Path, kind: str) -> list[Path]:
+    """The ``.NAME.{kind}-*`` temp folders of ``out_dir`` (not links)."""
+    prefix = f".{out_dir.name}.{kind}-"
+    return [p for p in out_dir.parent.iterdir() if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink()]
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Remove the temp folders killed runs left beside ``out_dir``: only those this package provably wrote,
+    and not the one a live process on this machine is still writing."""
+    for folder in _siblings(out_dir, "writing") + _siblings(out_dir, "old"):
+        writer = _read_marker(folder / WRITING_MARKER)
+        if writer is not None and writer.get("host") == socket.gethostname() and _alive(writer.get("pid")):
+            continue
+        _remove_ours(folder)
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_ours(folder: Path) -> None:
+    """Delete ``folder`` if it holds a marker this package wrote; an empty folder is removed too, anything
+    else is left where it is."""
+    if _read_marker(folder / MARKER) is not None or _read_marker(folder / WRITING_MARKER) is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+    elif folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``tmp`` with two renames; the old provider is restored if the second fails."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rmdir(old)
-        os.rename(out_dir, old)
+    """Put the complete provider ``tmp`` at ``out_dir``, then remove the old one.
+
+    A foreign Qlib provider being replaced (``force``) gets the marker first, so that whatever is left of it
+    after a kill is provably ours to remove.
+    """
+    if not os.path.lexists(out_dir):
+        os.rename(tmp, out_dir)
+        return
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if entries and _read_marker(out_dir / MARKER) is None:
+        _write_marker(out_dir, sorted({*entries, MARKER}))
+    if _exchange(tmp, out_dir):
+        _remove_ours(tmp)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.rmdir(old)
+    os.rename(out_dir, old)
     try:
         os.rename(tmp, out_dir)
     except BaseException:
-        if old is not None:
-            os.rename(old, out_dir)
+        os.rename(old, out_dir)
         raise
-    if old is not None:
-        shutil.rmtree(old)
+    _remove_ours(old)
+
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where
+    the C library, kernel or file system does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:  # a C library without renameat2 (glibc < 2.28, some musl builds)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from vn30_qlib.data.holidays import hose_trading_days
-from vn30_qlib.data.provider import write_provider
+from vn30_qlib.data.provider import check_out_dir, write_provider
 
 DEFAULT_START = "2015-10-05"
 DEFAULT_END = "2024-09-30"
@@ -284,16 +284,19 @@ def simulate_market(
 
 
 def write_simulated_provider(
-    out_dir: str | Path, seed: int = 0, signal: float = 0.05, start: str = DEFAULT_START, end: str = DEFAULT_END
+    out_dir: str | Path, seed: int = 0, signal: float = 0.05, start: str = DEFAULT_START, end: str = DEFAULT_END,
+    force: bool = False,
 ) -> Path:
     """Simulate the market and write it as a Qlib provider (markets vn30 and all) through `write_provider`.
 
+    ``out_dir`` is checked before simulating (`check_out_dir`; ``force`` replaces a foreign Qlib provider).
     The parameters go to ``simulate_params.json`` in the provider.
     """
+    check_out_dir(out_dir, force=force)
     bars, calendar, params = simulate_market(seed=seed, signal=signal, start=start, end=end)
     symbols = sorted(bars)
     return write_provider(out_dir, bars, calendar, markets={"vn30": symbols, "all": symbols},
-                          extra_files={"simulate_params.json": params})
+                          extra_files={"simulate_params.json": params}, force=force)
 
 
 def _centred(draws: np.ndarray) -> np.ndarray:
