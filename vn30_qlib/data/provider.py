@@ -41,6 +41,7 @@ MARKER = "vn30_provider.json"
 WRITING_MARKER = ".vn30_provider_writing.json"
 FORMAT_VERSION = 1
 QLIB_ENTRIES = frozenset({"calendars", "instruments", "features"})
+UNMARKED_REPORTS = frozenset({"ingest_report.json", "simulate_params.json"})  # of providers older than MARKER
 FLOAT32_MAX = float(np.finfo("<f4").max)
 RENAME_EXCHANGE = 2  # renameat2 flag, linux/fs.h
 AT_FDCWD = -100  # renameat2: paths relative to the working directory
@@ -111,7 +112,8 @@ def check_out_dir(out_dir: str | Path, inputs: Iterable[str | Path] = (), force:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise IngestError(f"{out}: holds files vn30-qlib did not write ({shown}); choose a new or empty folder")
     elif entries and not force:
-        raise IngestError(f"{out}: a Qlib provider not written by vn30-qlib; pass --force to replace it")
+        raise IngestError(f"{out}: a Qlib provider without vn30-qlib's {MARKER} (written by another tool or an "
+                          "earlier vn30-qlib); pass --force to replace it")
     return out
 
 
@@ -222,8 +224,11 @@ def _read_marker(path: Path) -> dict | None:
 
 
 def _is_qlib_provider(folder: Path) -> bool:
-    """calendars/, instruments/ and features/ folders and nothing else: a provider another tool wrote."""
-    return {p.name for p in folder.iterdir()} == QLIB_ENTRIES and all((folder / e).is_dir() for e in QLIB_ENTRIES)
+    """calendars/, instruments/ and features/ folders and nothing else (but the report an earlier vn30-qlib
+    wrote): a provider another tool, or a vn30-qlib without the marker, wrote."""
+    entries = {p.name for p in folder.iterdir()}
+    return (QLIB_ENTRIES <= entries <= QLIB_ENTRIES | UNMARKED_REPORTS
+            and all((folder / e).is_dir() for e in QLIB_ENTRIES) and len(entries & UNMARKED_REPORTS) <= 1)
 
 
 def _siblings(out_dir: Path, kind: str) -> list[Path]:
