@@ -52,6 +52,7 @@ def variants(task: dict) -> dict[str, dict]:
     plain = copy.deepcopy(task)
     handler = plain["dataset"]["kwargs"]["handler"]
     handler.update({"class": "Alpha158", "module_path": "qlib.contrib.data.handler"})
+    plain["model"]["module_path"] = "qlib.contrib.model.gbdt"  # Qlib's own LGBModel, not our checked subclass
     reversal = copy.deepcopy(task)
     reversal["model"] = {"class": "OneDayReversal", "module_path": "__main__"}
     reversal["dataset"]["kwargs"]["handler"] = {

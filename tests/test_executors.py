@@ -69,7 +69,7 @@ def _stored(store_root: Path) -> dict:
     out = {}
     for version in sorted(store_root.glob("symbols/*/*/v0001")):
         meta = store.read_metadata(version)
-        out[(meta["symbol"], meta["model"])] = (pd.read_pickle(version / "pred.pkl"), meta["metrics"], meta["config_hash"])
+        out[(meta["symbol"], meta["model"])] = (store.read_predictions(version, meta)["score"], meta["metrics"], meta["config_hash"])
     return out
 
 
@@ -96,7 +96,7 @@ def test_a_task_that_kills_its_worker_is_retried_then_recorded(two_models, sim_p
     (tmp_path / "killer_model.py").write_text(KILLER_MODEL)
     attempts = tmp_path / "attempts.txt"
     killer = write_workflow(tmp_path / "wf", "lgb_vn30.yaml", {
-        "class: LGBModel\n        module_path: qlib.contrib.model.gbdt\n        kwargs:\n":
+        "class: LGBModel\n        module_path: vn30_qlib.models.lgb\n        kwargs:\n":
             f"class: KillerModel\n        module_path: {tmp_path / 'killer_model.py'}\n        kwargs:\n"
             f"            attempts_file: {attempts}\n"})
     killer = killer.rename(tmp_path / "wf" / "killer_vn30.yaml")

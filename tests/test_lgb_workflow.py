@@ -23,6 +23,7 @@ def assert_complete_recorder(recorder) -> dict:
     for key in ("IC", "ICIR", "Rank IC", "Rank ICIR", "test_mse", "test_mae",
                 "1day.excess_return_with_cost.annualized_return", "1day.excess_return_with_cost.max_drawdown"):
         assert np.isfinite(metrics[key]), key
+    assert metrics["degenerate"] == 0  # no test day with one score for every name
     importance = recorder.load_object("feature_importance/importance.pkl")
     assert len(importance) == 158 and importance.iloc[0] > 0
     pred = recorder.load_object("pred.pkl")

@@ -11,10 +11,49 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from qlib.config import C  # noqa: E402
 from qlib.log import get_module_logger  # noqa: E402
-from qlib.workflow.record_temp import PortAnaRecord, RecordTemp, SignalRecord  # noqa: E402
+from qlib.workflow.record_temp import PortAnaRecord, RecordTemp, SigAnaRecord, SignalRecord  # noqa: E402
 
 from vn30_qlib.data.ingest import INDEX_SYMBOL  # noqa: E402
 from vn30_qlib.data.provider import read_instruments  # noqa: E402
+from vn30_qlib.metrics import is_degenerate  # noqa: E402
+
+# More than this share of test days with constant predictions: the run is reported as having learnt nothing.
+DEGENERATE_DAY_SHARE = 0.5
+
+
+def constant_day_share(pred: pd.Series, label: pd.Series) -> float:
+    """The share of test days whose predictions are the same for every name (one name a day counts as constant),
+    judged by `vn30_qlib.metrics.is_degenerate` on the day's names; 1.0 when no day has a prediction."""
+    both = pd.concat([pred.rename("pred"), label.rename("label")], axis=1, join="inner").dropna(subset=["pred"])
+    if both.empty:
+        return 1.0
+    constant = both.groupby(level="datetime").apply(lambda day: is_degenerate(day["pred"], day["label"]))
+    return float(constant.mean())
+
+
+class VN30SigAnaRecord(SigAnaRecord):
+    """Qlib's `SigAnaRecord` (IC, Rank IC and their IRs) plus the metric ``degenerate``: the share of test days
+    on which the predictions are constant across names, with a warning when that is most days.
+
+    On such days the daily IC is undefined, so Qlib alone prints ``IC: nan`` (or an IC from the few other days)
+    and the backtest buys whatever sorts first; an over-regularised model or a provider with a handful of
+    instruments does this without any error.
+    """
+
+    def _generate(self, label: pd.DataFrame | None = None, **kwargs):
+        truth = self.load("label.pkl") if label is None else label
+        if isinstance(truth, pd.DataFrame) and not truth.empty:  # else Qlib's record warns "Empty label."
+            self._log_degenerate(self.load("pred.pkl").iloc[:, 0], truth.iloc[:, self.label_col])
+        return super()._generate(label=label, **kwargs)
+
+    def _log_degenerate(self, pred: pd.Series, label: pd.Series) -> None:
+        share = constant_day_share(pred, label)
+        self.recorder.log_metrics(degenerate=share)
+        if share > DEGENERATE_DAY_SHARE:
+            names = int(pred.groupby(level="datetime").size().max())
+            get_module_logger("VN30SigAnaRecord").warning(
+                f"predictions are constant on {share:.0%} of test days: the model learnt nothing (check its "
+                f"regularisation and the number of instruments: at most {names} a day); IC and Rank IC mean nothing")
 
 
 class PredictionErrorRecord(RecordTemp):

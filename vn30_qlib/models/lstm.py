@@ -21,6 +21,7 @@ from qlib.model.base import Model
 
 from vn30_qlib.cpu import cpu_threads
 from vn30_qlib.models.dropout import Dropout
+from vn30_qlib.models.kwargs_check import checked_kwargs
 from vn30_qlib.models.training import (
     CpuPickledModel, LoopConfig, adam, daily_ic, fit_epochs, native_bf16, pick_device, require_cross_sections,
     set_seed)
@@ -63,6 +64,7 @@ class LSTMNet(torch.nn.Module):
             return self.out(x[-1]).squeeze(-1).float()
 
 
+@checked_kwargs
 class LSTM(CpuPickledModel, Model):
     """LSTM on sequence windows of a ``DatasetH``; the number of features is read from the data.
 

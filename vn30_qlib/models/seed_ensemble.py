@@ -16,9 +16,11 @@ from qlib.data.dataset import DatasetH
 from qlib.model.base import Model
 from qlib.utils import init_instance_by_config
 
+from vn30_qlib.models.kwargs_check import checked_kwargs
 from vn30_qlib.models.training import metric_prefix
 
 
+@checked_kwargs
 class SeedEnsemble(Model):
     """The mean prediction of ``model`` (a Qlib model config: ``class``, ``module_path``, ``kwargs``) fitted once
     per seed in ``seeds``.
@@ -35,6 +37,7 @@ class SeedEnsemble(Model):
         if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(seed, int) for seed in seeds):
             raise ValueError(f"SeedEnsemble: seeds must be distinct integers, at least one, got {seeds!r}")
         self.model, self.seeds = model, seeds
+        self._member(seeds[0])  # a bad member config (e.g. a misspelt kwarg) fails now, before any data is read
         self.members: list[Model] = []
 
     def fit(self, dataset: DatasetH, **kwargs) -> None:

@@ -50,6 +50,7 @@ from vn30_qlib.cpu import cpu_threads  # noqa: E402
 from vn30_qlib.models.dropout import Dropout  # noqa: E402
 from vn30_qlib.models.elu import elu  # noqa: E402
 from vn30_qlib.models.glu import glu  # noqa: E402
+from vn30_qlib.models.kwargs_check import checked_kwargs  # noqa: E402
 from vn30_qlib.models.lstm_layer import lstm_layer  # noqa: E402
 from vn30_qlib.models.numeric_embedding import numeric_embedding  # noqa: E402
 from vn30_qlib.models.variable_mix import variable_mix  # noqa: E402
@@ -387,6 +388,7 @@ class _Rows(NamedTuple):
     static: np.ndarray
 
 
+@checked_kwargs
 class TFT(CpuPickledModel, Model):
     """Temporal Fusion Transformer quantile forecasts of the next ``horizons`` daily returns (see module doc).
 
