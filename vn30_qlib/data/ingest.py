@@ -28,8 +28,6 @@ import pandas as pd
 from vn30_qlib.data.cleaning import CleaningRules, clean_bars, drop_days_outside, drop_isolated_dates, flag_missing_days
 from vn30_qlib.data.provider import BAR_FIELDS, IngestError, check_out_dir, write_provider
 
-__all__ = ["IngestError", "IngestOptions", "ingest", "read_export", "read_universe", "find_exports", "format_report"]
-
 PRICE_FIELDS = ("open", "high", "low", "close")
 PRICE_UNITS = {"thousand_vnd": 1.0, "vnd": 1e-3}
 INDEX_SYMBOL = "VN30"
@@ -160,17 +158,26 @@ def _parse_dates(text: pd.Series, lines: np.ndarray, path: Path, column: str) ->
     zoned = text.str.len().gt(16)
     if zoned.any():
         zoned &= text.str.contains(TIME_ZONE_SUFFIX, regex=True)
-    dates = pd.Series(pd.NaT, index=text.index, dtype="datetime64[ns]")
-    if (~zoned).any():
-        dates[~zoned] = pd.to_datetime(text[~zoned], errors="coerce", format="ISO8601")
-    if zoned.any():
-        instants = pd.to_datetime(text[zoned], errors="coerce", format="ISO8601", utc=True)
-        dates[zoned] = instants.dt.tz_convert(EXCHANGE_TZ).dt.tz_localize(None)
+    try:
+        if not zoned.any():
+            dates = _local(pd.to_datetime(text, errors="coerce", format="ISO8601"))
+        else:
+            dates = pd.Series(pd.NaT, index=text.index, dtype="datetime64[ns]")
+            dates[~zoned] = pd.to_datetime(text[~zoned], errors="coerce", format="ISO8601")
+            dates[zoned] = _local(pd.to_datetime(text[zoned], errors="coerce", format="ISO8601", utc=True))
+    except ValueError as error:  # e.g. zones in a form the suffix pattern does not know, mixed with others
+        raise IngestError(f"{path}, lines {lines[0]}..{lines[-1]}: dates in column {column!r} mix time zones "
+                          f"in a way that cannot be read ({error})") from None
     bad = dates.isna()
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
         raise IngestError(f"{path}, line {lines[i]}: unparsable date {text.iat[i]!r} in column {column!r}")
     return dates.dt.normalize().to_numpy()
+
+
+def _local(dates: pd.Series) -> pd.Series:
+    """Zoned instants as wall-clock times on the exchange; naive ones as they are."""
+    return dates if dates.dt.tz is None else dates.dt.tz_convert(EXCHANGE_TZ).dt.tz_localize(None)
 
 
 def _date_column(path: Path, header: list[str], given: str | None) -> str:
@@ -303,7 +310,7 @@ def ingest(
         cleaned[symbol], reports[symbol] = clean_bars(raw.pop(symbol), options.rules)
     cleaned = drop_isolated_dates(cleaned, reports, options.rules)
     stocks = sorted(set(cleaned) - {INDEX_SYMBOL})
-    calendar = pd.DatetimeIndex(sorted(set().union(*(cleaned[symbol].index for symbol in stocks))))
+    calendar = pd.DatetimeIndex(np.unique(np.concatenate([cleaned[symbol].index.to_numpy() for symbol in stocks])))
     calendar_report = {}
     if INDEX_SYMBOL in cleaned:
         cleaned[INDEX_SYMBOL], dropped = drop_days_outside(cleaned[INDEX_SYMBOL], reports[INDEX_SYMBOL], calendar)
