@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import lightgbm
-import numpy as np
 import pandas as pd
 import torch
 from qlib.contrib.model.gbdt import LGBModel
@@ -87,12 +86,13 @@ def _tft_state(model: TFT) -> tuple[dict[str, torch.Tensor], dict]:
     """The network's weights (``module.*``), the train-segment scales and the importance tables as tensors; the
     names that index them as JSON."""
     tensors = {f"module.{name}": weight for name, weight in model._module_weights().items()}
-    tensors |= {"label_scale": torch.from_numpy(np.asarray(model.label_scale, dtype="float32")),
-                "calendar_mean": torch.from_numpy(model.calendar_mean.to_numpy("float64")),
-                "calendar_std": torch.from_numpy(model.calendar_std.to_numpy("float64"))}
+    # each array keeps its dtype: the calendar scaling in float64 instead of the fit's float32 moves predictions
+    tensors |= {"label_scale": torch.tensor(model.label_scale),
+                "calendar_mean": torch.tensor(model.calendar_mean.to_numpy()),
+                "calendar_std": torch.tensor(model.calendar_std.to_numpy())}
     importance = {}
     for key, table in model.importance.items():
-        tensors[f"importance.{key}"] = torch.from_numpy(table.to_numpy("float64"))
+        tensors[f"importance.{key}"] = torch.tensor(table.to_numpy())
         importance[key] = {"index": table.index.tolist(), "index_name": table.index.name,
                            "columns": table.columns.tolist() if isinstance(table, pd.DataFrame) else None,
                            "name": table.name if isinstance(table, pd.Series) else None}

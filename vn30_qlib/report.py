@@ -1,7 +1,7 @@
 """The loop's benchmark report: Markdown + self-contained HTML, PNG plots, and CSV/JSON exports of every metric.
 
-Built from the model store alone, reading only each latest version's metadata, config and stored predictions
-(with their raw test labels), never a model; and the failure records. The CSV/JSON export is the baseline the next study
+Built from the model store alone: each latest version's metadata, config and stored predictions (with their raw
+test labels), never a model, and the failure records. The CSV/JSON export is the baseline the next study
 (concept-drift adaptation, DDG-DA) compares against.
 """
 from __future__ import annotations

@@ -212,7 +212,7 @@ def read_metadata(version: Path) -> dict:
 def read_task(version: Path) -> dict:
     """The workflow task stored with a version (data only: YAML without tags)."""
     task = read_file(version / "config.yaml", lambda p: yaml.safe_load(p.read_text(encoding="utf-8")), "YAML")
-    if not isinstance(task, dict) or not isinstance(task.get("model"), dict) or not isinstance(task.get("dataset"), dict):
+    if not (isinstance(task, dict) and isinstance(task.get("model"), dict) and isinstance(task.get("dataset"), dict)):
         raise StoreError(f"{version / 'config.yaml'}: not a workflow task (needs a 'model' and a 'dataset' mapping)")
     return task
 
