@@ -1,5 +1,6 @@
 """Silent nonsense in a `qrun` workflow becomes a message: a misspelt model kwarg, predictions that are constant
-on most test days, a segment without a labelled day (issue 20, item 7). Each case runs `qrun` as a user does."""
+on most test days, a segment without a labelled day (issue 20, item 7). Each case runs `qrun` as a user does, or
+builds what qrun's ``task_train`` builds first (the model, the dataset) from the workflow as qrun reads it."""
 from __future__ import annotations
 
 import hashlib
@@ -37,11 +38,10 @@ def file_hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def qrun(workflow: Path, provider: Path, workdir: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def qrun(workflow: Path, provider: Path, workdir: Path) -> subprocess.CompletedProcess:
     """``qrun workflow`` in ``workdir``, as a user runs it; the provider must come out byte for byte the same."""
     before = file_hashes(provider)
-    env = {**os.environ, "VN30_PROVIDER": str(provider), "VN30_EXPERIMENT": "faults", "OMP_NUM_THREADS": "1",
-           **(extra_env or {})}
+    env = {**os.environ, "VN30_PROVIDER": str(provider), "VN30_EXPERIMENT": "faults", "OMP_NUM_THREADS": "1"}
     workdir.mkdir(parents=True, exist_ok=True)
     result = subprocess.run([str(Path(sys.executable).parent / "qrun"), str(workflow)], cwd=workdir, env=env,
                             capture_output=True, text=True, timeout=600)
@@ -102,9 +102,24 @@ def test_constant_predictions_on_most_test_days_are_reported(five_names, tmp_pat
     assert result.returncode == 0, result.stderr[-4000:]
     assert ("predictions are constant on 100% of test days: the model learnt nothing (check its regularisation "
             "and the number of instruments: at most 5 a day)") in result.stderr
+    assert "ConstantInputWarning" not in result.stderr  # said once, not once per test day
     init_qlib_for(five_names, sqlite_tracking_uri(tmp_path))
     recorder = next(iter(R.list_recorders(experiment_name="faults").values()))
     assert recorder.list_metrics()["degenerate"] == 1.0
+
+
+def test_constant_day_share_counts_days_with_one_score_for_every_name():
+    import pandas as pd
+
+    from vn30_qlib.records import constant_day_share
+
+    index = pd.MultiIndex.from_product([pd.bdate_range("2024-01-01", periods=4), ["A", "B", "C"]],
+                                       names=["datetime", "instrument"])
+    pred = pd.Series([0.1, 0.1, 0.1, 0.2, 0.2, 0.2, 0.0, 0.5, 1.0, 0.3, 0.3, 0.3], index=index)
+    label = pd.Series(range(12), index=index, dtype=float)
+    assert constant_day_share(pred, label) == 0.75
+    one_name = pred.xs("C", level="instrument", drop_level=False)
+    assert constant_day_share(one_name, label) == 1.0  # a day with a single name is constant
 
 
 def test_a_test_segment_after_the_provider_s_last_day_is_an_error_before_fitting(tmp_path):
@@ -134,3 +149,29 @@ def test_a_valid_segment_without_a_labelled_day_is_an_error(tmp_path):
             "2021-12-31; the provider's last day is 2022-01-05")):
         init_instance_by_config(dataset)
     assert file_hashes(provider) == before
+
+
+def test_segment_messages_name_the_segment_its_dates_and_the_data_s_days():
+    import pandas as pd
+
+    from vn30_qlib.dataset import SegmentError, check_segments
+
+    calendar = pd.bdate_range("2022-01-03", "2022-01-14")
+    index = pd.MultiIndex.from_product([calendar, ["A", "B"]], names=["datetime", "instrument"])
+    label = pd.DataFrame({"LABEL0": [1.0] * 16 + [float("nan")] * 4}, index=index)  # the last 2 days unlabelled
+    check_segments({"train": ("2022-01-03", "2022-01-07"), "test": slice("2022-01-10", None), "all": (None, None)},
+                   label, calendar)
+    with pytest.raises(SegmentError, match=re.escape("segment 'all' [open, open] has no day with a label (no day has")):
+        check_segments({"all": (None, None)}, label.iloc[:0], calendar)
+    cases = {
+        ("2022-02-01", "2022-03-01"): "segment 'test' [2022-02-01, 2022-03-01] starts after the provider's last day "
+                                      "2022-01-14: nothing to fit or predict there (labelled days run 2022-01-03 .. "
+                                      "2022-01-12)",
+        ("2021-01-01", "2021-12-31"): "segment 'test' [2021-01-01, 2021-12-31] ends before the provider's first day "
+                                      "2022-01-03",
+        ("2022-01-13", None): "segment 'test' [2022-01-13, open] has no day with a label (labelled days run "
+                              "2022-01-03 .. 2022-01-12; the provider's last day is 2022-01-14",
+    }
+    for (start, end), message in cases.items():
+        with pytest.raises(SegmentError, match=re.escape(message)):
+            check_segments({"train": ("2022-01-03", "2022-01-07"), "test": (start, end)}, label, calendar)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
 import pandas as pd
 from qlib.data import D
 from qlib.data.dataset import DatasetH
@@ -32,8 +33,12 @@ def check_segments(segments: Mapping[str, object], label: pd.DataFrame, calendar
         start, end = (segment.start, segment.stop) if isinstance(segment, slice) else segment
         start = None if start is None else pd.Timestamp(start)
         end = None if end is None else pd.Timestamp(end)
-        inside = labelled[((start is None) | (labelled >= start)) & ((end is None) | (labelled <= end))]
-        if len(inside):
+        in_segment = np.ones(len(labelled), dtype=bool)
+        if start is not None:
+            in_segment &= labelled >= start
+        if end is not None:
+            in_segment &= labelled <= end
+        if in_segment.any():
             continue
         where = f"segment {name!r} [{_day(start)}, {_day(end)}]"
         days = (f"labelled days run {labelled.min():%Y-%m-%d} .. {labelled.max():%Y-%m-%d}" if len(labelled)
@@ -42,6 +47,9 @@ def check_segments(segments: Mapping[str, object], label: pd.DataFrame, calendar
         if len(calendar) and start is not None and start > calendar[-1]:
             raise SegmentError(f"{where} starts after the provider's last day {calendar[-1]:%Y-%m-%d}: nothing to "
                                f"fit or predict there ({days}); move the segment or ingest newer data")
+        if len(calendar) and end is not None and end < calendar[0]:
+            raise SegmentError(f"{where} ends before the provider's first day {calendar[0]:%Y-%m-%d}: nothing to "
+                               f"fit or predict there ({days}); move the segment")
         raise SegmentError(f"{where} has no day with a label ({days}; {last}; the label needs the closes of the "
                            "days after it): move the segment inside the labelled days")
 

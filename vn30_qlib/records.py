@@ -1,6 +1,7 @@
 """Recorder records shared by the VN30 workflows (added to a YAML's ``task.record`` list)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -12,6 +13,7 @@ import pandas as pd  # noqa: E402
 from qlib.config import C  # noqa: E402
 from qlib.log import get_module_logger  # noqa: E402
 from qlib.workflow.record_temp import PortAnaRecord, RecordTemp, SigAnaRecord, SignalRecord  # noqa: E402
+from scipy.stats import ConstantInputWarning  # noqa: E402
 
 from vn30_qlib.data.ingest import INDEX_SYMBOL  # noqa: E402
 from vn30_qlib.data.provider import read_instruments  # noqa: E402
@@ -42,18 +44,20 @@ class VN30SigAnaRecord(SigAnaRecord):
 
     def _generate(self, label: pd.DataFrame | None = None, **kwargs):
         truth = self.load("label.pkl") if label is None else label
-        if isinstance(truth, pd.DataFrame) and not truth.empty:  # else Qlib's record warns "Empty label."
-            self._log_degenerate(self.load("pred.pkl").iloc[:, 0], truth.iloc[:, self.label_col])
-        return super()._generate(label=label, **kwargs)
-
-    def _log_degenerate(self, pred: pd.Series, label: pd.Series) -> None:
-        share = constant_day_share(pred, label)
+        if not isinstance(truth, pd.DataFrame) or truth.empty:  # Qlib's record warns "Empty label."
+            return super()._generate(label=label, **kwargs)
+        pred = self.load("pred.pkl").iloc[:, 0]
+        share = constant_day_share(pred, truth.iloc[:, self.label_col])
         self.recorder.log_metrics(degenerate=share)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConstantInputWarning)  # one per constant day: the warning below says it
+            objects = super()._generate(label=label, **kwargs)
         if share > DEGENERATE_DAY_SHARE:
             names = int(pred.groupby(level="datetime").size().max())
             get_module_logger("VN30SigAnaRecord").warning(
                 f"predictions are constant on {share:.0%} of test days: the model learnt nothing (check its "
                 f"regularisation and the number of instruments: at most {names} a day); IC and Rank IC mean nothing")
+        return objects
 
 
 class PredictionErrorRecord(RecordTemp):
