@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (IngestError, StoreError, WorkerCannotSee, FileNotFoundError) as error:
+    except (IngestError, StoreError, WorkerCannotSee, OSError) as error:  # OSError: a missing or unwritable path
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -171,8 +171,8 @@ def _read_pointer(entry: Path) -> str | None:
 
 
 def _repair_pointer(entry: Path, version: Path) -> None:
-    """Point ``latest`` at ``version`` under the entry's lock; skipped (with a warning) when another process
-    holds the lock (it is writing the pointer) or the store cannot be written."""
+    """Point ``latest`` at ``version`` under the entry's lock; skipped when another process holds the lock (it
+    is writing the pointer), and with a warning when the store cannot be written (a read-only copy)."""
     logger = logging.getLogger(__name__)
     try:
         if entry in _held_locks:
