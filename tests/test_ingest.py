@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,13 @@ def test_clean_file_passes_untouched(tmp_path):
     assert entry["rows_read"] == entry["rows_kept"] == 10
     assert nonempty(entry["removed"]) == nonempty(entry["repaired"]) == nonempty(entry["flagged"]) == {}
     assert entry["missing_days"] == []
+
+
+def test_provider_folder_has_the_umask_s_permissions_not_mkdtemp_s(tmp_path):
+    ingest_one(tmp_path, clean_rows())
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "provider").stat().st_mode & 0o777 == 0o777 & ~mask
 
 
 @pytest.mark.parametrize(

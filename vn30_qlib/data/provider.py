@@ -157,6 +157,7 @@ def write_provider(
     _remove_leftovers(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.writing-", dir=out_dir.parent))
     try:
+        tmp.chmod(0o777 & ~_current_umask())  # mkdtemp's 0700 would hide the provider from the user's other accounts
         _write_json(tmp / WRITING_MARKER, {"written_by": "vn30_qlib", "pid": os.getpid(), "host": socket.gethostname()})
         spans = _write_features(tmp, bars, cal)
         (tmp / "calendars").mkdir()
@@ -312,3 +313,9 @@ def _exchange(first: Path, second: Path) -> bool:
     if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
         return False
     raise OSError(code, os.strerror(code), str(first), None, str(second))
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
