@@ -340,3 +340,20 @@ def test_a_report_out_that_is_a_file_is_exit_2(stored, tmp_path, capsys):
     code, output = _cli(capsys, "report", "--store", str(stored), "--out", str(out))
     assert code == 2 and f"File exists: '{out}'" in output and "Traceback" not in output, output
     assert out.read_text() == "a user's file"
+
+
+def test_leftovers_of_killed_writers_are_removed_only_when_ours(tmp_path):
+    """A killed writer leaves a `.partial-*` folder that holds the store's marker (or nothing, if it died before
+    writing it): the next writer removes those; a `.partial-*` folder holding anything else is not ours."""
+    entry = tmp_path / "pooled" / "lgb"
+    ours, empty, foreign = (entry / f"{store.PARTIAL_PREFIX}{name}" for name in ("ours", "empty", "foreign"))
+    for folder in (ours, empty, foreign):
+        folder.mkdir(parents=True)
+    (ours / store.PARTIAL_MARKER).write_text("x")
+    (ours / "config.yaml").write_text("half written")
+    (foreign / "notes.txt").write_text("a user's file")
+    before = tree_hashes(foreign)
+    with store.entry_lock(entry):
+        store._remove_leftovers(entry)
+    assert not ours.exists() and not empty.exists()
+    assert tree_hashes(foreign) == before

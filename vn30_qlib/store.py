@@ -44,6 +44,7 @@ TRUSTED_PACKAGES = ("qlib", "vn30_qlib", "handlers")
 # where Qlib looks up a config's class when it names no module_path (processors, loaders)
 QLIB_DEFAULT_MODULES = ("qlib.data.dataset.processor", "qlib.data.dataset.loader")
 PARTIAL_PREFIX = ".partial-"
+PARTIAL_MARKER = ".written-by-vn30-qlib"  # first file of a version being written: proves a leftover is ours
 POINTER_PREFIX = ".latest-"
 _held_locks: set[Path] = set()  # entries whose lock this process holds (`entry_lock` is not re-entrant)
 
@@ -75,6 +76,7 @@ def save_version(entry: Path, model: object, task: dict, predictions: pd.DataFra
     _remove_leftovers(entry)
     partial = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=entry))
     try:
+        (partial / PARTIAL_MARKER).write_text("a model-store version written by vn30_qlib.store\n")
         write_model(model, partial / "model")
         (partial / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(task, default=str)), sort_keys=True))
         predictions.to_parquet(partial / "predictions.parquet")
@@ -124,11 +126,15 @@ def _point_latest(entry: Path, version: Path) -> None:
 
 
 def _remove_leftovers(entry: Path) -> None:
-    """Remove the ``.partial-*`` folders and ``.latest-*`` files of writers killed mid-write; called with the
-    entry's lock held, so no live writer of this entry owns one."""
+    """Remove the ``.partial-*`` folders (those holding our marker, or empty: killed before writing it) and
+    ``.latest-*`` files of writers killed mid-write; called with the entry's lock held, so no live writer of
+    this entry owns one."""
     for path in entry.iterdir():
         if path.name.startswith(PARTIAL_PREFIX) and path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            if (path / PARTIAL_MARKER).is_file():
+                shutil.rmtree(path)
+            elif not any(path.iterdir()):
+                path.rmdir()
         elif path.name.startswith(POINTER_PREFIX) and path.is_file() and not path.is_symlink():
             path.unlink()
 
