@@ -145,7 +145,7 @@ def test_a_valid_segment_without_a_labelled_day_is_an_error(tmp_path):
     init_qlib(provider)
     dataset = load_workflow(REPO / "workflows" / "lgb_vn30.yaml")["task"]["dataset"]
     with pytest.raises(SegmentError, match=re.escape(
-            "segment 'valid' [2022-01-01, 2022-12-31] has no day with a label (labelled days run 2021-01-04 .. "
+            "segment 'valid' [2022-01-01, 2022-12-28] has no day with a label (labelled days run 2021-01-04 .. "
             "2021-12-31; the provider's last day is 2022-01-05")):
         init_instance_by_config(dataset)
     assert file_hashes(provider) == before

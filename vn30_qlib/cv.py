@@ -1,9 +1,10 @@
 """Walk-forward cross-validation of a workflow over its train + valid span; the test segment is never read.
 
 Folds are cut from the trading calendar. Each fold's validation block is ``valid_days`` trading days; the last
-fold ends where the workflow's valid segment ends, earlier folds step back one block each. Training ends
-``gap_days`` trading days before its validation block starts (at least the label's horizon, 2 days for
-``Ref($close, -2) / Ref($close, -1) - 1``, so no training label overlaps the validation period).
+fold ends where the workflow's valid segment ends (which must itself be purged from the test segment), earlier
+folds step back one block each. Training ends ``gap_days`` trading days before its validation block starts (at
+least the label's reach, 2 days for ``Ref($close, -2) / Ref($close, -1) - 1``, so no training label reads a
+close of the validation block; `vn30_qlib.dataset.VN30DatasetH` checks it again when a fold's data is built).
 ``expanding`` training starts at the workflow's train start; ``rolling`` keeps ``train_days`` days.
 Within a fold the validation block serves both the model's early stopping and the score.
 Every fold is a Qlib recorder run (experiment ``vn30_cv``) nested under one parent mlflow run, with the IC,
@@ -20,6 +21,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from vn30_qlib.dataset import check_purged, label_reach
 from vn30_qlib.loop import create_tracking_store
 from vn30_qlib.metrics import cross_sectional_metrics
 from vn30_qlib.workflow_config import load_workflow
@@ -34,12 +36,12 @@ class Fold:
 
 
 def label_horizon(task: dict) -> int:
-    """Trading days of future data the label reads (2 for the VN30 label), from Qlib's expression parser."""
-    from qlib.utils.data import guess_horizon
+    """Trading days of future data the label reads (2 for the VN30 label; a multi-horizon TFT's more), parsed
+    from the label expressions of the task's handler, built without loading data."""
+    from qlib.utils import init_instance_by_config
 
-    handler = task["dataset"]["kwargs"]["handler"]["kwargs"]
-    label = handler.get("label", (["Ref($close, -2) / Ref($close, -1) - 1"], ["LABEL0"]))
-    return max(guess_horizon([expr]) for expr in label[0])
+    handler = init_instance_by_config(task["dataset"]["kwargs"]["handler"], init_data=False)
+    return label_reach(handler.data_loader.fields["label"][0])
 
 
 def walk_forward_folds(calendar: pd.DatetimeIndex, start: str, end: str, n_folds: int, valid_days: int,
@@ -78,11 +80,15 @@ def folds_for(workflow: str | Path, provider: str | Path, n_folds: int, valid_da
 
     task = load_workflow(workflow, {"VN30_PROVIDER": str(provider)})["task"]
     segments = task["dataset"]["kwargs"]["segments"]
-    gap = label_horizon(task) if gap_days is None else gap_days
-    if gap < label_horizon(task):
-        raise ValueError(f"gap_days={gap} is shorter than the label horizon {label_horizon(task)}")
-    folds = walk_forward_folds(pd.DatetimeIndex(D.calendar()), segments["train"][0], segments["valid"][1],
-                               n_folds, valid_days, gap, scheme, train_days)
+    reach = label_horizon(task)
+    gap = reach if gap_days is None else gap_days
+    if gap < reach:
+        raise ValueError(f"gap_days={gap} is shorter than the label horizon {reach}")
+    calendar = pd.DatetimeIndex(D.calendar())
+    folds = walk_forward_folds(calendar, segments["train"][0], segments["valid"][1], n_folds, valid_days, gap,
+                               scheme, train_days)
+    if "test" in segments:  # the last fold scores (and early-stops on) the valid end: no label may read test
+        check_purged({"valid": folds[-1].valid, "test": segments["test"]}, calendar, reach)
     return task, folds
 
 
