@@ -20,10 +20,13 @@ def assert_complete_recorder(recorder) -> dict:
     listed = {a.path for a in recorder.client.list_artifacts(recorder.id, "feature_importance")}
     assert {"feature_importance/importance.csv", "feature_importance/importance.png"} <= listed
     metrics = recorder.list_metrics()
-    for key in ("IC", "ICIR", "Rank IC", "Rank ICIR", "test_mse", "test_mae",
+    for key in ("IC", "ICIR", "Rank IC", "Rank ICIR", "hit_rate", "test_mse_learnt", "test_mae_learnt",
                 "1day.excess_return_with_cost.annualized_return", "1day.excess_return_with_cost.max_drawdown"):
         assert np.isfinite(metrics[key]), key
     assert metrics["degenerate"] == 0  # no test day with one score for every name
+    assert "test_mse" not in metrics, "one MSE, named by its units"
+    ic = recorder.load_object("sig_analysis/ric.pkl")
+    assert metrics["Rank IC"] == pytest.approx(ic.mean()), "Rank IC is the mean of the stored daily series"
     importance = recorder.load_object("feature_importance/importance.pkl")
     assert len(importance) == 158 and importance.iloc[0] > 0
     pred = recorder.load_object("pred.pkl")

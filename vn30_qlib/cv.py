@@ -8,7 +8,7 @@ close of the validation block; `vn30_qlib.dataset.VN30DatasetH` checks it again 
 ``expanding`` training starts at the workflow's train start; ``rolling`` keeps ``train_days`` days.
 Within a fold the validation block serves both the model's early stopping and the score.
 Every fold is a Qlib recorder run (experiment ``vn30_cv``) nested under one parent mlflow run, with the IC,
-Rank IC and MSE of its validation block; Qlib must be initialised with that tracking store
+Rank IC and MSE (``mse_learnt``, in the units of the label the model learnt) of its validation block; Qlib must be initialised with that tracking store
 (`vn30_qlib.loop.init_qlib_for(provider, tracking_uri)`).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pandas as pd
 
 from vn30_qlib.dataset import check_purged, label_reach
 from vn30_qlib.loop import create_tracking_store
-from vn30_qlib.metrics import cross_sectional_metrics
+from vn30_qlib.metrics import cross_sectional_metrics, mse
 from vn30_qlib.workflow_config import load_workflow
 
 CV_EXPERIMENT = "vn30_cv"
@@ -103,7 +103,8 @@ def cross_validate(task: dict, folds: list[Fold], tracking_uri: str, run_name: s
     prune); ``model_hook(model)`` may adjust the model before fitting (e.g. attach an epoch callback);
     ``dataset_cache`` keeps each fold's dataset between calls that differ only in the model (a search).
     A fold whose predictions are constant scores IC and Rank IC 0 (no skill), not NaN. IC and Rank IC are
-    against the raw return, MSE against the label after the learn processors (what the model predicts).
+    against the raw return, ``mse_learnt`` against the label after the learn processors (what the model predicts);
+    all from `vn30_qlib.metrics`.
     """
     from mlflow.tracking import MlflowClient
     from qlib.data.dataset.handler import DataHandlerLP
@@ -132,12 +133,10 @@ def cross_validate(task: dict, folds: list[Fold], tracking_uri: str, run_name: s
                 pred = model.predict(dataset, segment="valid")
                 label = dataset.prepare("valid", col_set="label", data_key=DataHandlerLP.DK_R).iloc[:, 0]
                 learnt = dataset.prepare("valid", col_set="label", data_key=DataHandlerLP.DK_L).iloc[:, 0]
-                both = pd.concat([pred.rename("p"), label.rename("l")], axis=1).dropna()
-                cs = cross_sectional_metrics(both["p"], both["l"])
+                cs = cross_sectional_metrics(pred, label)
                 metrics = {"ic": 0.0, "rank_ic": 0.0} if cs["degenerate"] else {"ic": cs["cs_ic"],
                                                                                  "rank_ic": cs["cs_rank_ic"]}
-                errors = pd.concat([pred.rename("p"), learnt.rename("l")], axis=1).dropna()
-                metrics["mse"] = float(((errors["p"] - errors["l"]) ** 2).mean())  # in the units the model learns
+                metrics["mse_learnt"] = mse(pred, learnt)
                 R.log_metrics(**metrics)
             per_fold.append(metrics)
             if on_fold:

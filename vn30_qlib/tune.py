@@ -2,7 +2,7 @@
 
 The search space lives next to the workflow, ``workflows/{name}.search.yaml``::
 
-    objective: rank_ic          # fold metric to maximise (ic, rank_ic) or minimise (mse)
+    objective: rank_ic          # fold metric to maximise (ic, rank_ic) or minimise (mse_learnt)
     n_trials: 20
     folds: {n_folds: 3, valid_days: 120, scheme: expanding}     # train_days for rolling, gap_days optional
     params:                     # keys of task.model.kwargs
@@ -29,7 +29,7 @@ import optuna
 import yaml
 
 from vn30_qlib.cv import CV_EXPERIMENT, Fold, cross_validate, folds_for
-from vn30_qlib.loop import create_tracking_store, init_qlib_for, sqlite_tracking_uri
+from vn30_qlib.loop import create_tracking_store, init_qlib_for, require_inputs, sqlite_tracking_uri
 
 MAXIMISE = {"ic", "rank_ic"}
 
@@ -76,10 +76,11 @@ def tune(workflow: str | Path, provider: str | Path, out_dir: str | Path = "tuni
     with its own sampler seed; trials then finish in a machine-dependent order, so a parallel search is not
     repeatable run to run, a sequential one is).
     """
+    require_inputs([workflow], provider)
     workflow, out_dir = Path(workflow).resolve(), Path(out_dir).resolve()
     provider = str(Path(provider).expanduser().resolve())
-    out_dir.mkdir(parents=True, exist_ok=True)
     space = read_search_space(workflow)
+    out_dir.mkdir(parents=True, exist_ok=True)
     study = _open_study(workflow, out_dir, space)
     if start and not study.trials:
         study.enqueue_trial(start)
@@ -149,8 +150,8 @@ def _objective(trial: optuna.Trial, task: dict, folds: list[Fold], space: dict, 
             raise optuna.TrialPruned(f"pruned after fold {i}")
 
     def epoch_callback(epoch: int, row: dict) -> None:
-        if not seen:  # prune by epoch on the first fold only, on the loop's valid IC (or loss for mse)
-            trial.report(row["valid_loss"] if key == "mse" else row["valid_ic"], step=epoch)
+        if not seen:  # prune by epoch on the first fold only, on the loop's valid IC (or loss for mse_learnt)
+            trial.report(row["valid_loss"] if key == "mse_learnt" else row["valid_ic"], step=epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
