@@ -250,10 +250,11 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
 
 
 def evaluate(pred: pd.Series, label: pd.Series, learnt_label: pd.Series, mode: str) -> dict:
-    """Per-symbol time-series metrics; a pooled model also gets the daily cross-sectional ones.
+    """Per-symbol time-series metrics; a pooled model also gets the daily cross-sectional ones (a per-symbol
+    model's are computed by the report, across the symbols' separate models). All from `vn30_qlib.metrics`.
 
-    Correlations and hit rates are against the raw return ``label``; MSE and MAE against ``learnt_label``,
-    the label after the workflow's learn processors, i.e. in the units the model predicts (a z-score).
+    Correlations and hit rates are against the raw return ``label``; ``mse_learnt`` and ``mae_learnt`` against
+    ``learnt_label``, the label after the workflow's learn processors, i.e. in the units the model predicts.
     """
     per_symbol = {
         symbol: time_series_metrics(pred.xs(symbol, level="instrument"), group.droplevel("instrument"),

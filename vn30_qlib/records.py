@@ -1,7 +1,6 @@
 """Recorder records shared by the VN30 workflows (added to a YAML's ``task.record`` list)."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -11,13 +10,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from qlib.config import C  # noqa: E402
+from qlib.contrib.eva.alpha import calc_long_short_return  # noqa: E402
+from qlib.data.dataset.handler import DataHandlerLP  # noqa: E402
 from qlib.log import get_module_logger  # noqa: E402
 from qlib.workflow.record_temp import PortAnaRecord, RecordTemp, SigAnaRecord, SignalRecord  # noqa: E402
-from scipy.stats import ConstantInputWarning  # noqa: E402
 
 from vn30_qlib.data.ingest import INDEX_SYMBOL  # noqa: E402
 from vn30_qlib.data.provider import read_instruments  # noqa: E402
-from vn30_qlib.metrics import is_degenerate  # noqa: E402
+from vn30_qlib.metrics import daily_ic, daily_rank_ic, hit_rate, information_ratio, is_degenerate, mae, mse  # noqa: E402,E501
 
 # More than this share of test days with constant predictions: the run is reported as having learnt nothing.
 DEGENERATE_DAY_SHARE = 0.5
@@ -34,24 +34,35 @@ def constant_day_share(pred: pd.Series, label: pd.Series) -> float:
 
 
 class VN30SigAnaRecord(SigAnaRecord):
-    """Qlib's `SigAnaRecord` (IC, Rank IC and their IRs) plus the metric ``degenerate``: the share of test days
-    on which the predictions are constant across names, with a warning when that is most days.
+    """Qlib's `SigAnaRecord` (metrics IC, ICIR, Rank IC, Rank ICIR; artifacts ic.pkl, ric.pkl) computed by
+    `vn30_qlib.metrics`, plus ``hit_rate`` (market-free: see `vn30_qlib.metrics.hit_rate`) and ``degenerate``:
+    the share of test days on which the predictions are constant across names, with a warning when that is
+    most days.
 
-    On such days the daily IC is undefined, so Qlib alone prints ``IC: nan`` (or an IC from the few other days)
-    and the backtest buys whatever sorts first; an over-regularised model or a provider with a handful of
-    instruments does this without any error.
+    On such days the daily IC is undefined, so the IC comes from the few other days (or is missing) and the
+    backtest buys whatever sorts first; an over-regularised model or a provider with a handful of instruments
+    does this without any error.
     """
 
     def _generate(self, label: pd.DataFrame | None = None, **kwargs):
         truth = self.load("label.pkl") if label is None else label
         if not isinstance(truth, pd.DataFrame) or truth.empty:  # Qlib's record warns "Empty label."
             return super()._generate(label=label, **kwargs)
-        pred = self.load("pred.pkl").iloc[:, 0]
-        share = constant_day_share(pred, truth.iloc[:, self.label_col])
-        self.recorder.log_metrics(degenerate=share)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConstantInputWarning)  # one per constant day: the warning below says it
-            objects = super()._generate(label=label, **kwargs)
+        pred, raw = self.load("pred.pkl").iloc[:, 0], truth.iloc[:, self.label_col]
+        share = constant_day_share(pred, raw)
+        ic, rank_ic = daily_ic(pred, raw), daily_rank_ic(pred, raw)
+        metrics = {"IC": ic.mean(), "ICIR": information_ratio(ic), "Rank IC": rank_ic.mean(),
+                   "Rank ICIR": information_ratio(rank_ic), "hit_rate": hit_rate(pred, raw), "degenerate": share}
+        objects = {"ic.pkl": ic, "ric.pkl": rank_ic}
+        if self.ana_long_short:
+            long_short, long_average = calc_long_short_return(pred, raw)
+            metrics |= {"Long-Short Ann Return": long_short.mean() * self.ann_scaler,
+                        "Long-Short Ann Sharpe": long_short.mean() / long_short.std() * self.ann_scaler**0.5,
+                        "Long-Avg Ann Return": long_average.mean() * self.ann_scaler,
+                        "Long-Avg Ann Sharpe": long_average.mean() / long_average.std() * self.ann_scaler**0.5}
+            objects |= {"long_short_r.pkl": long_short, "long_avg_r.pkl": long_average}
+        self.recorder.log_metrics(**{name: float(value) for name, value in metrics.items()
+                                     if value is not None and pd.notna(value)})
         if share > DEGENERATE_DAY_SHARE:
             names = int(pred.groupby(level="datetime").size().max())
             get_module_logger("VN30SigAnaRecord").warning(
@@ -61,24 +72,28 @@ class VN30SigAnaRecord(SigAnaRecord):
 
 
 class PredictionErrorRecord(RecordTemp):
-    """Logs MSE and MAE of the test predictions against the raw (unnormalised) label.
+    """Logs ``test_mse_learnt`` and ``test_mae_learnt``: the errors of the test predictions against the label the
+    model learnt (the dataset's test label after the learn processors, e.g. the day's z-scored return).
 
-    The models learn a per-day z-scored label, so the errors measure scale as well as ordering: compare them
-    between models of one workflow, not with a return forecast's error.
+    Against the raw return instead, a model that predicts a z-score would be out-scored by a constant; in the
+    learnt units the errors compare models of one workflow (same label processing), not across label choices.
     """
 
     artifact_path = "prediction_error"
     depend_cls = SignalRecord
 
+    def __init__(self, recorder, dataset):
+        super().__init__(recorder=recorder)
+        self.dataset = dataset
+
     def generate(self, **kwargs) -> dict:
         pred = self.load("pred.pkl").iloc[:, 0]
-        label = self.load("label.pkl").iloc[:, 0]
-        both = pd.concat([pred, label], axis=1, keys=["pred", "label"]).dropna()
-        if both.empty:
-            raise ValueError("no test day has both a prediction and a label: cannot compute MSE/MAE")
-        error = both["pred"] - both["label"]
-        metrics = {"test_mse": float((error**2).mean()), "test_mae": float(error.abs().mean()),
-                   "test_rows": float(len(both))}
+        learnt = self.dataset.prepare("test", col_set="label", data_key=DataHandlerLP.DK_L).iloc[:, 0]
+        rows = len(pd.concat([pred, learnt], axis=1, join="inner").dropna())
+        if not rows:
+            raise ValueError("no test day has both a prediction and a learnt label: cannot compute MSE/MAE")
+        metrics = {"test_mse_learnt": mse(pred, learnt), "test_mae_learnt": mae(pred, learnt),
+                   "test_rows": float(rows)}
         self.recorder.log_metrics(**metrics)
         self.save(**{"metrics.pkl": pd.Series(metrics)})
         return metrics

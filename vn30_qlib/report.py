@@ -18,12 +18,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from vn30_qlib import store  # noqa: E402
-from vn30_qlib.metrics import daily_ic  # noqa: E402
+from vn30_qlib.metrics import daily_rank_ic  # noqa: E402
 
-METRIC_COLUMNS = ["ic", "rank_ic", "mse", "mae", "hit_rate", "days", "degenerate"]
-UNITS_NOTE = ("IC, Rank IC and hit rate are against the raw return. MSE and MAE are in the units of the label each "
-              "model learnt (after its workflow's learn processors, e.g. a z-score): compare them within a model, "
-              "not across models.")
+METRIC_COLUMNS = ["ic", "rank_ic", "mse_learnt", "mae_learnt", "days", "degenerate"]
+UNITS_NOTE = ("IC and Rank IC are against the raw return. MSE and MAE (mse_learnt, mae_learnt) are in the units of "
+              "the label each model learnt (after its workflow's learn processors, e.g. a z-score): compare them "
+              "within a model, not across models. Hit rate: the share of (day, name) rows on which the prediction "
+              "minus the day's median prediction has the sign of the return minus the day's median return (free of "
+              "the market's move). All metrics: vn30_qlib.metrics.")
 
 
 def collect(store_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
@@ -91,7 +93,7 @@ def _cumulative_ic_plot(pooled: pd.DataFrame, root: Path) -> bytes | None:
     for _, row in pooled.iterrows():
         version = root / row["version"]
         stored = store.read_predictions(version, store.read_metadata(version))
-        daily_ic(stored["score"], stored["label"]).cumsum().plot(ax=ax, label=row["model"])
+        daily_rank_ic(stored["score"], stored["label"]).cumsum().plot(ax=ax, label=row["model"])
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_ylabel("cumulative daily Rank IC (pooled)")
     ax.legend()
@@ -145,7 +147,7 @@ def build_report(store_root: str | Path, out_dir: str | Path) -> dict[str, Path]
     comparison = metrics.groupby(["model", "mode"]).agg(
         mean_rank_ic=("rank_ic", lambda s: s.dropna().astype(float).mean()),
         mean_ic=("ic", lambda s: s.dropna().astype(float).mean()),
-        mean_mse=("mse", "mean"), hit_rate=("hit_rate", "mean"),
+        mean_mse_learnt=("mse_learnt", "mean"),
         degenerate=("degenerate", "sum"), symbols=("symbol", "nunique"))
     degenerate = metrics[metrics["degenerate"].astype(bool)][["symbol", "model", "mode", "version"]]
     tuned = tuned_vs_default(comparison, pooled)
