@@ -68,16 +68,28 @@ def test_loop_fills_the_store_and_records_the_failure(looped):
     for entry in [store_root / "symbols" / s / "lgb" for s in SYMBOLS] + [store_root / "pooled" / "lgb"]:
         version = store.latest(entry)
         assert version == entry / "v0001"
-        assert {p.name for p in version.iterdir()} == {"model", "config.yaml", "predictions.parquet", "metadata.json"}
+        assert {p.name for p in version.iterdir()} == {"model", "config.yaml", "predictions.parquet", "metadata.json",
+                                                       store.PARTIAL_MARKER}
         assert [p.name for p in (version / "model").iterdir()] == ["model.txt"]
         meta = store.read_metadata(version)
         for key in ("provider", "config_hash", "data_span", "seed", "packages", "metrics", "timings",
                     "mlflow_run_id", "created"):
             assert key in meta, key
         assert meta["provider"]["first_day"] == "2015-10-05" and len(meta["provider"]["sha256"]) == 64
+        assert meta["provider"]["simulated"] == {"seed": 0, "signal": 0.1, "start": "2015-10-05",
+                                                 "end": "2024-09-30", "symbols": 30}
         assert store.validate(version) == 0.0
     pooled = store.read_metadata(store.latest(store_root / "pooled" / "lgb"))
     assert set(pooled["metrics"]["per_symbol"]) >= set(SYMBOLS) and pooled["metrics"]["cross_sectional"]["cs_rank_ic"] > 0.03
+
+
+def test_missing_workflow_or_provider_stops_the_loop_before_it_starts(small_workflow, sim_provider, tmp_path):
+    store_root = tmp_path / "models"
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope.yaml'}: workflow file not found"):
+        run_loop([small_workflow, tmp_path / "nope.yaml"], sim_provider(0.1), store_root, progress=False)
+    with pytest.raises(FileNotFoundError, match="not a Qlib provider"):
+        run_loop([small_workflow], tmp_path / "no_provider", store_root, progress=False)
+    assert not store_root.exists(), "no failure record, no tracking database"
 
 
 def test_second_run_trains_nothing_and_force_retrains(looped, small_workflow, sim_provider):
@@ -116,7 +128,8 @@ def test_report_from_store_and_recorder(looped, tmp_path):
     store_root, _ = looped
     files = build_report(store_root, tmp_path / "report")
     markdown = files["report.md"].read_text()
-    assert "survivorship" in markdown and "Ref($close, -2)" in markdown and "0.15%" in markdown
+    assert "simulated (vn30-qlib data simulate, seed 0, planted signal 0.1)" in markdown
+    assert "Ref($close, -2)" in markdown and "0.15%" in markdown
     assert "NOPE" in markdown, "failed entries are listed"
     assert "| lgb | per_symbol |" in markdown and "| lgb | pooled |" in markdown
     exported = pd.read_csv(files["metrics.csv"])

@@ -76,9 +76,17 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def _executor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor", default="local", choices=["local", "ray"],
-                        help="local worker processes, or one Ray task per fit (needs pip install -e '.[ray]')")
+                        help="local worker processes, or one Ray task per fit (needs pip install -e '.[ray]') "
+                             "(default: %(default)s)")
     parser.add_argument("--ray-address", help="Ray cluster to use, e.g. auto or HEAD:6379 (default: start a local "
                                               "Ray with --jobs CPUs)")
 
@@ -93,22 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="provider folder to write: a new or empty folder, or a provider "
                                                 "vn30-qlib wrote (replaced only when complete)")
     p.add_argument("--force", action="store_true", help="replace a Qlib provider another tool wrote at --out")
-    p.add_argument("--index", help="optional index CSV, ingested as instrument VN30 (market 'index')")
+    p.add_argument("--index", help="index CSV, ingested as instrument VN30 (market 'index') (default: none; the "
+                                   "backtests' benchmark is then an equal-weight VN30)")
     p.add_argument("--universe", help="symbols of market vn30: a CSV with a 'symbol' column or one symbol per line "
                                       "(default: every file; all files go to market 'all')")
     p.add_argument("--date-column", help="date column of the price files (default: 'time' or 'date')")
     p.add_argument("--index-date-column", help="date column of the index file (default: 'time' or 'date')")
     p.add_argument("--price-unit", default="thousand_vnd", choices=["thousand_vnd", "vnd"],
-                   help="unit of the input prices; the provider always stores thousands of VND")
+                   help="unit of the input prices; the provider always stores thousands of VND (default: %(default)s)")
     p.set_defaults(handler=_data_ingest)
 
     p = data.add_parser("simulate", help="write the simulated VN30 market (the offline default)")
-    p.add_argument("--out", default=DEFAULT_PROVIDER, help=f"provider folder (default: {DEFAULT_PROVIDER}); "
-                                                           "the same rules as data ingest --out")
+    p.add_argument("--out", default=DEFAULT_PROVIDER, help="provider folder, with the same rules as data ingest "
+                                                           "--out (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace a Qlib provider another tool wrote at --out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw: the same seed and signal give "
+                                                       "the same bars (default: %(default)s)")
     p.add_argument("--signal", type=float, default=0.05,
-                   help="strength of the planted predictable component (0 = pure noise)")
+                   help="strength of the planted predictable component, the mean daily Rank IC it gives "
+                        "(0 = pure noise) (default: %(default)s)")
     p.set_defaults(handler=_data_simulate)
 
     p = data.add_parser("check", help="load a provider through Qlib and verify every field round-trips")
@@ -118,11 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("loop", help="train every VN30 symbol x workflow (per symbol and pooled) into the model store")
     p.add_argument("workflows", nargs="+", help="workflow YAMLs, e.g. workflows/lgb_vn30.yaml")
-    p.add_argument("--provider", default=DEFAULT_PROVIDER)
-    p.add_argument("--store", default="models", help="model store folder (default: models)")
-    p.add_argument("--symbols", nargs="+", help="default: the provider's vn30 list")
-    p.add_argument("--modes", nargs="+", default=["per_symbol", "pooled"], choices=["per_symbol", "pooled"])
-    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--provider", default=DEFAULT_PROVIDER, help="Qlib provider folder (default: %(default)s)")
+    p.add_argument("--store", default="models", help="model store folder (default: %(default)s)")
+    p.add_argument("--symbols", nargs="+", help="symbols fitted one by one (default: the provider's vn30 list)")
+    p.add_argument("--modes", nargs="+", default=["per_symbol", "pooled"], choices=["per_symbol", "pooled"],
+                   help="per_symbol: one fit per symbol; pooled: one fit on all symbols per workflow "
+                        "(default: per_symbol pooled)")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="fits run at once, each in its own worker process "
+                                                                 "(default: %(default)s)")
     p.add_argument("--force", action="store_true", help="retrain entries already stored with this config and data")
     _executor_arguments(p)
     p.add_argument("--tracking-uri", help="mlflow store of the recorder runs (default: sqlite:///{store}/mlruns.db; "
@@ -130,16 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_loop)
 
     p = commands.add_parser("report", help="Markdown/HTML report and CSV/JSON metrics from the model store")
-    p.add_argument("--store", default="models")
-    p.add_argument("--out", default="reports")
+    p.add_argument("--store", default="models", help="model store folder written by loop (default: %(default)s)")
+    p.add_argument("--out", help="report folder: a new or empty folder, or one an earlier report wrote; nothing "
+                                 "else is overwritten (default: {store}/report)")
     p.set_defaults(handler=_report)
 
     p = commands.add_parser("tune", help="Optuna search of a workflow's model kwargs by walk-forward CV")
     p.add_argument("workflow", help="workflow YAML with a {name}.search.yaml beside it")
-    p.add_argument("--provider", default=DEFAULT_PROVIDER)
-    p.add_argument("--out", default="tuning", help="folder of the study (optuna.db) and its mlflow runs")
-    p.add_argument("--trials", type=int, help="total trials (default: n_trials of the search space); resumes")
-    p.add_argument("--jobs", type=int, default=1, help="trials run at once (default 1: one after another, here)")
+    p.add_argument("--provider", default=DEFAULT_PROVIDER, help="Qlib provider folder (default: %(default)s)")
+    p.add_argument("--out", default="tuning", help="folder of the study (optuna.db) and its mlflow runs "
+                                                   "(default: %(default)s)")
+    p.add_argument("--trials", type=_positive_int, help="total trials, counting those a stopped search finished "
+                                                        "(default: n_trials of the search space)")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="trials run at once; 1 runs them one after "
+                                                                 "another in this process (default: %(default)s)")
     _executor_arguments(p)
     p.set_defaults(handler=_tune)
 

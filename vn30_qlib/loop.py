@@ -69,7 +69,8 @@ def init_qlib_for(provider: str | Path, mlflow_uri: str | None = None) -> None:
 
 
 def provider_fingerprint(provider: str | Path) -> dict:
-    """sha256 over the provider's calendar, instrument lists and feature files, plus its span."""
+    """sha256 over the provider's calendar, instrument lists and feature files, plus its span and, for a
+    simulated market, its parameters (the report states what market the models were fitted on)."""
     root = Path(provider).expanduser().resolve()
     digest = hashlib.sha256()
     for path in sorted(p for sub in ("calendars", "instruments", "features") for p in (root / sub).rglob("*")
@@ -77,7 +78,30 @@ def provider_fingerprint(provider: str | Path) -> dict:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     days = (root / "calendars" / "day.txt").read_text().split()
-    return {"path": str(root), "sha256": digest.hexdigest(), "first_day": days[0], "last_day": days[-1]}
+    return {"path": str(root), "sha256": digest.hexdigest(), "first_day": days[0], "last_day": days[-1],
+            "simulated": simulation_summary(root)}
+
+
+def simulation_summary(provider: str | Path) -> dict | None:
+    """Seed, planted signal, span and symbol count of a provider `vn30-qlib data simulate` wrote (read from its
+    ``simulate_params.json``); None for any other provider."""
+    path = Path(provider).expanduser() / "simulate_params.json"
+    if not path.is_file():
+        return None
+    params = json.loads(path.read_text())
+    return {"seed": params["seed"], "signal": params["signal"], "start": params["start"], "end": params["end"],
+            "symbols": len(params["symbols"])}
+
+
+def require_inputs(workflows: Sequence[str | Path], provider: str | Path) -> None:
+    """Stop a loop or a search before it starts (and before any failure record) when a workflow file or the
+    provider is missing; the message names the path."""
+    for workflow in workflows:
+        if not Path(workflow).expanduser().is_file():
+            raise FileNotFoundError(f"{workflow}: workflow file not found")
+    if not (Path(provider).expanduser() / "calendars" / "day.txt").is_file():
+        raise FileNotFoundError(f"{provider}: not a Qlib provider (calendars/day.txt missing); write one with "
+                                "vn30-qlib data simulate or data ingest, or pass --provider")
 
 
 def adapt_task(task: dict, mode: str, symbol: str | None) -> dict:
@@ -336,6 +360,7 @@ def run_loop(workflows: Sequence[str | Path], provider: str | Path, store_root: 
 
     from vn30_qlib.executors import WorkerDied, run_calls
 
+    require_inputs(workflows, provider)
     provider = str(Path(provider).expanduser().resolve())
     store_root = Path(store_root).resolve()
     entries = plan(workflows, provider, symbols, modes)

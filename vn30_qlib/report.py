@@ -3,12 +3,17 @@
 Built from the model store alone: each latest version's metadata, config and stored predictions (with their raw
 test labels), never a model, and the failure records. The CSV/JSON export is the baseline the next study
 (concept-drift adaptation, DDG-DA) compares against.
+
+The report folder (default ``{store}/report``) holds the marker `MARKER` naming the files the report wrote; a
+folder that holds anything else is refused, so a report never overwrites what it did not write. Each file is
+replaced atomically, and files of an earlier report that this one does not write are removed.
 """
 from __future__ import annotations
 
 import base64
 import html
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from vn30_qlib import store  # noqa: E402
+from vn30_qlib.loop import simulation_summary  # noqa: E402
 from vn30_qlib.metrics import daily_rank_ic  # noqa: E402
 
 METRIC_COLUMNS = ["ic", "rank_ic", "mse_learnt", "mae_learnt", "days", "degenerate"]
@@ -26,6 +32,10 @@ UNITS_NOTE = ("IC and Rank IC are against the raw return. MSE and MAE (mse_learn
               "within a model, not across models. Hit rate: the share of (day, name) rows on which the prediction "
               "minus the day's median prediction has the sign of the return minus the day's median return (free of "
               "the market's move). All metrics: vn30_qlib.metrics.")
+MARKER = "vn30_report.json"
+REPORT_FILES = frozenset({"report.md", "report.html", "metrics.csv", "metrics.json", "rank_ic_distribution.png",
+                          "cumulative_ic.png"})
+DEFAULT_FOLDER = "report"  # inside the store
 
 
 def collect(store_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
@@ -112,22 +122,36 @@ def describe_setup(version: Path) -> dict:
                  f"sell {ex['close_cost']:.2%} (incl. 0.1 % tax), lot {ex['trade_unit']}, "
                  f"limit +-{ex['limit_threshold']:.0%}, deal at {ex['deal_price']}")
     span = meta["data_span"]
+    provider = meta["provider"]
+    # stores written before the fingerprint recorded the market: the provider folder, where it still is
+    simulated = provider["simulated"] if "simulated" in provider else simulation_summary(provider["path"])
     return {
+        "market": "real daily bars (vn30-qlib data ingest)" if simulated is None else
+                  f"simulated (vn30-qlib data simulate, seed {simulated['seed']}, planted signal {simulated['signal']}): "
+                  "generated bars, not real prices; its one predictable component is planted, so an IC measures how "
+                  "much of it a model recovers, not how a model would do on the market",
         "universe": "VN30 as listed in October 2025, applied to all history (survivorship bias: today's "
-                    "constituents were chosen with hindsight)",
+                    "constituents were chosen with hindsight)" if simulated is None else
+                    f"{simulated['symbols']} simulated stocks with the VN30 list's names, sectors and listing days, "
+                    f"{simulated['start']} .. {simulated['end']}; their prices are generated, so no survivorship "
+                    "bias",
         "period": ", ".join(f"{name} {start[:10]} .. {end[:10]}" for name, (start, end) in span.items()),
         "label": "Ref($close, -2) / Ref($close, -1) - 1 (signal at day t, traded at the close of t+1)"
                  + ("" if "label" not in handler else f" ({handler['label']})"),
         "costs": costs,
-        "provider": f"{meta['provider']['path']} (sha256 {meta['provider']['sha256'][:12]}, "
-                    f"{meta['provider']['first_day']} .. {meta['provider']['last_day']})",
+        "provider": f"{provider['path']} (sha256 {provider['sha256'][:12]}, "
+                    f"{provider['first_day']} .. {provider['last_day']})",
     }
 
 
-def build_report(store_root: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """Write report.md, report.html, the PNGs, metrics.csv and metrics.json into ``out_dir``."""
-    root, out = Path(store_root), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def build_report(store_root: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write report.md, report.html, the PNGs, metrics.csv and metrics.json into ``out_dir`` (default
+    ``{store_root}/report``); raises `FileExistsError` for a folder holding files the report did not write."""
+    root = Path(store_root).expanduser()
+    out = Path(out_dir).expanduser() if out_dir is not None else root / DEFAULT_FOLDER
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no model store here; fill one with vn30-qlib loop, or pass --store")
+    previous = _report_entries(out)
     metrics, pooled, failures = collect(root)
     if metrics.empty:
         raise store.StoreError(f"{root}: no stored versions to report on")
@@ -136,12 +160,10 @@ def build_report(store_root: str | Path, out_dir: str | Path) -> dict[str, Path]
     cumulative = _cumulative_ic_plot(pooled, root)
     if cumulative:
         images["cumulative_ic.png"] = cumulative
-    for name, data in images.items():
-        (out / name).write_bytes(data)
-    metrics.to_csv(out / "metrics.csv", index=False)
     export = {"header": header, "per_symbol": metrics.to_dict(orient="records"),
               "pooled_cross_sectional": pooled.to_dict(orient="records"), "failures": failures}
-    (out / "metrics.json").write_text(json.dumps(export, indent=2, default=str))
+    files = {**images, "metrics.csv": metrics.to_csv(index=False).encode(),
+             "metrics.json": json.dumps(export, indent=2, default=str).encode()}
 
     table = metrics.pivot_table(index="symbol", columns=["model", "mode"], values="rank_ic", aggfunc="first", dropna=False)
     comparison = metrics.groupby(["model", "mode"]).agg(
@@ -167,8 +189,8 @@ def build_report(store_root: str | Path, out_dir: str | Path) -> dict[str, Path]
                    for title, content in sections)
     body += "".join(f"<h2>{name}</h2><img src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
                     for name, data in images.items())
-    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>VN30 baselines"
-                                     f"</title></head><body><h1>VN30 baseline report</h1>{body}</body></html>\n")
+    files["report.html"] = (f"<!doctype html><html><head><meta charset='utf-8'><title>VN30 baselines</title></head>"
+                            f"<body><h1>VN30 baseline report</h1>{body}</body></html>\n").encode()
     markdown = ["# VN30 baseline report", "", *[f"- **{k}**: {v}" for k, v in header.items()], "",
                 "## Per-symbol vs pooled (mean over symbols, test segment)", "", _markdown(comparison.reset_index()), "",
                 UNITS_NOTE, "",
@@ -181,8 +203,60 @@ def build_report(store_root: str | Path, out_dir: str | Path) -> dict[str, Path]
                 "## Failed entries", "", *([f"- {f['model'] if 'model' in f else Path(f['workflow']).stem} "
                                              f"{f['mode']} {f['symbol']}: {f['error']}" for f in failures] or ["none"]), "",
                 *[f"![{name}]({name})" for name in images], ""]
-    (out / "report.md").write_text("\n".join(markdown))
+    files["report.md"] = "\n".join(markdown).encode()
+    _write_report(out, files, previous)
     return {name: out / name for name in ["report.md", "report.html", "metrics.csv", "metrics.json", *images]}
+
+
+def _report_entries(out: Path) -> set[str]:
+    """The files an earlier report's marker in ``out`` names (empty for a missing or empty folder);
+    `FileExistsError` when ``out`` is a file or holds anything else."""
+    if not out.exists():
+        return set()
+    if not out.is_dir():
+        raise FileExistsError(f"{out}: is a file, not a folder; choose a new or empty folder for the report")
+    found = {path.name for path in out.iterdir()}
+    try:
+        marker = json.loads((out / MARKER).read_text())
+        written = set(marker["entries"]) & REPORT_FILES if marker.get("written_by") == "vn30_qlib" else set()
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        written = set()
+    ours = written | {MARKER} | {_partial_name(name) for name in written | {MARKER}}
+    foreign = sorted(found - ours)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise FileExistsError(f"{out}: holds files the report did not write ({shown}); choose a new or empty "
+                              "folder for --out")
+    return written
+
+
+def _write_report(out: Path, files: dict[str, bytes], previous: set[str]) -> None:
+    """Write ``files`` into ``out``, each atomically; the marker names every file of the old and the new report
+    while they are written, then the new one's only, once the old report's other files are removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    _replace(out / MARKER, _marker(previous | set(files)))
+    for name, data in files.items():
+        _replace(out / name, data)
+    for name in previous - set(files):
+        (out / name).unlink(missing_ok=True)
+        (out / _partial_name(name)).unlink(missing_ok=True)
+    _replace(out / MARKER, _marker(set(files)))
+
+
+def _marker(entries: set[str]) -> bytes:
+    return (json.dumps({"written_by": "vn30_qlib", "entries": sorted(entries)}, indent=2) + "\n").encode()
+
+
+def _partial_name(name: str) -> str:
+    return f".{name}.partial"
+
+
+def _replace(path: Path, data: bytes) -> None:
+    partial = path.with_name(_partial_name(path.name))
+    partial.unlink(missing_ok=True)  # a killed run's; "xb" then never writes through a link
+    with open(partial, "xb") as handle:
+        handle.write(data)
+    os.replace(partial, path)
 
 
 def _markdown(frame: pd.DataFrame) -> str:
