@@ -157,6 +157,8 @@ def loop_campaign(kills: int, rng: random.Random, work: Path) -> dict:
                 violations.append(f"{label}: temporary folders left after a finished run: {left}")
 
     check("first run", {}, finished=True)
+    round_no += 1
+    store = work / f"store{round_no}"
     killed = finished = 0
     for i in range(kills):
         before = {v: json.dumps(tree_digest(v)) for vs in store_versions(store).values() for v in vs}
