@@ -106,15 +106,15 @@ def train_one(which: str, provider: str, epochs: int, precision: str | None, ear
     start = time.perf_counter()
     train_s, eval_s = [], []
     if which == "ours":
-        from vn30_qlib.models import lstm as lstm_module
         from vn30_qlib.models import training
         from vn30_qlib.models.lstm import LSTM
 
         dataset = init_instance_by_config(dataset_config)
         model = LSTM(**{**kwargs, "n_epochs": epochs, "device": "cpu", "precision": precision or kwargs["precision"]})
         windows = model._windows(dataset)
-        rows = lstm_module._Rows(dataset, "train", windows, torch.device("cpu"))
-        pipeline = pipeline_pass((torch.from_numpy(windows.gather(rows.positions[batch])), rows.label[batch])
+        rows = training.LabelledRows(training.segment_labels(dataset, "train").iloc[:, 0], torch.device("cpu"), "train")
+        positions = windows.positions(rows.index)
+        pipeline = pipeline_pass((torch.from_numpy(windows.gather(positions[batch])), rows.label[batch])
                                  for batch in rows.batches(kwargs["batch_size"], by_day=False))
         training._train_one_epoch = timed(training._train_one_epoch, train_s)
         LSTM._forward = timed(LSTM._forward, eval_s)   # during fit: one valid-segment pass per epoch

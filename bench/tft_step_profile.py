@@ -48,7 +48,8 @@ def main() -> None:
     from handlers import VN30TFT
     from vn30_qlib.data.check import init_qlib
     from vn30_qlib.models import training
-    from vn30_qlib.models.tft import TFT, quantile_loss
+    from vn30_qlib.models.tft import TFT
+    from vn30_qlib.models.tft.sub_modules import quantile_loss
 
     init_qlib(args.provider)
     data = DatasetH(VN30TFT(start_time="2015-10-05", end_time="2024-09-30", fit_start_time="2015-10-05",

@@ -40,7 +40,7 @@ SEGMENTS = {"train": ("2015-10-05", "2021-12-31"), "valid": ("2022-01-01", "2022
 def step_flops(module, batch, quantiles: torch.Tensor) -> float:
     """Forward + backward FLOPs of one training step of the network ``module`` on ``batch`` (a `TFTBatch`)."""
     from vn30_qlib.models.lstm_layer import kernel_runs
-    from vn30_qlib.models.tft import quantile_loss
+    from vn30_qlib.models.tft.sub_modules import quantile_loss
 
     rows, steps = batch.past.shape[:2]
     horizons = batch.future.shape[1]
@@ -69,8 +69,9 @@ def mix_forward_flops(module, batch) -> float:
     return 2 * (d * d + d * d + d * 2 * d) * rows * (steps * n_past + horizons * n_future)
 
 
-def tft_epochs(data, epochs: int, threads: int, sample_every: int = 4) -> dict:
-    """Fit the workflow's TFT for ``epochs`` epochs; epoch times come from the loop's train pass only.
+def tft_epochs(data, epochs: int, threads: int, sample_every: int = 4, cpu_kernels: str = "auto") -> dict:
+    """Fit the workflow's TFT for ``epochs`` epochs (its ``cpu_kernels`` as given); epoch times come from the loop's
+    train pass only.
 
     The shared machine's speed drifts, also within an epoch, so each epoch is compared with the matmul reference
     measured during it: one multiply every ``sample_every`` batches (its time left out of the epoch's), the best of
@@ -103,7 +104,7 @@ def tft_epochs(data, epochs: int, threads: int, sample_every: int = 4) -> dict:
 
     training._train_one_epoch = timed
     try:
-        model = TFT(n_epochs=epochs, early_stop=epochs, device="cpu", n_threads=threads)
+        model = TFT(n_epochs=epochs, early_stop=epochs, device="cpu", n_threads=threads, cpu_kernels=cpu_kernels)
         model.fit(data)
     finally:
         training._train_one_epoch = original
@@ -204,7 +205,7 @@ def main() -> None:
     parser.add_argument("--qrun", action="store_true", help="also time qrun tft_vn30.yaml and lgb_vn30.yaml")
     parser.add_argument("--no-pf", action="store_true", help="skip the pytorch-forecasting comparison")
     parser.add_argument("--torch-ops", action="store_true",
-                        help="also time our TFT with the CPU kernels off (cpu_kernels.ENABLED): all in torch's ops")
+                        help="also time our TFT with the CPU kernels off (cpu_kernels='off'): all in torch's ops")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for everything (0 = every core)")
     args = parser.parse_args()
     from vn30_qlib.cpu import cpu_threads
@@ -243,13 +244,7 @@ def main() -> None:
     report["tft"]["fraction_of_matmul"] = float(np.median(report["tft"]["fraction_of_matmul_during_epoch"]))
     print(json.dumps(report, indent=1), flush=True)
     if args.torch_ops:
-        from vn30_qlib.models import cpu_kernels
-
-        cpu_kernels.ENABLED = False
-        try:
-            torch_ops = tft_epochs(data, args.epochs, args.threads)
-        finally:
-            cpu_kernels.ENABLED = True
+        torch_ops = tft_epochs(data, args.epochs, args.threads, cpu_kernels="off")
         report["tft_torch_ops"] = {"epoch_seconds": torch_ops["epoch_seconds"],
                                    "fused_epoch_ratio": epoch / min(torch_ops["epoch_seconds"])}
         print(json.dumps({"tft_torch_ops": report["tft_torch_ops"]}, indent=1), flush=True)

@@ -2,6 +2,7 @@
 the tests share."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,6 +42,24 @@ def sim_provider(tmp_path_factory: pytest.TempPathFactory):
         return built[signal]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def built_kernels():
+    """The CPU kernels, for the tests that compare them with torch's ops: on Linux with a C++ compiler a failed
+    build fails the test (CI must notice a broken build); without a compiler or on another platform it skips,
+    saying why."""
+    from vn30_qlib.models import cpu_kernels
+
+    reason = cpu_kernels.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the CPU kernels cannot build here: {reason}")
+    kernels = cpu_kernels.build()
+    if kernels is None and sys.platform == "linux":
+        pytest.fail(f"the CPU kernels failed to build: {cpu_kernels.build_error()}")
+    if kernels is None:
+        pytest.skip(f"the CPU kernels did not build on {sys.platform}: {cpu_kernels.build_error()}")
+    return kernels
 
 
 def write_workflow(folder: Path, name: str, replace: dict[str, str] | None = None, append: str = "") -> Path:

@@ -1,18 +1,15 @@
 """The sequence models' dropout: the keep rate and scale of torch's, masks fixed by torch's seed, gradients,
-the same mask in bfloat16 and on any thread count, and torch's dropout where the kernels do not build."""
+the same mask in bfloat16 and on any thread count, and the same mask in torch's ops where the kernels are off."""
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import same_on_one_and_two_threads
 
 from vn30_qlib.models import cpu_kernels
-from vn30_qlib.models.dropout import LEVELS, Dropout, hashed_mask_fits
+from vn30_qlib.models.dropout import LEVELS, Dropout, hashed_mask_kernel_fits
 
-hashed = pytest.mark.skipif(cpu_kernels.build() is None,
-                            reason="the CPU kernels did not build here (no C++ compiler?): torch's dropout stands in, "
-                                   "whose scale and draws differ")
+kernel = pytest.mark.usefixtures("built_kernels")
 
 
 def masked_ones(p: float, seed: int, shape=(1000, 1000)) -> torch.Tensor:
@@ -20,10 +17,11 @@ def masked_ones(p: float, seed: int, shape=(1000, 1000)) -> torch.Tensor:
     return Dropout(p).train()(torch.ones(shape))
 
 
-@hashed
+@pytest.mark.parametrize("kernels", ["auto", "off"])
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
-def test_keeps_one_minus_p_of_the_values_and_scales_them_to_keep_the_mean(p):
-    out = masked_ones(p, seed=0)
+def test_keeps_one_minus_p_of_the_values_and_scales_them_to_keep_the_mean(p, kernels):
+    with cpu_kernels.use(kernels):
+        out = masked_ones(p, seed=0)
     kept = out != 0
     sd = (p * (1 - p) / out.numel()) ** 0.5
     assert abs(kept.float().mean().item() - (1 - p)) < 5 * sd
@@ -68,7 +66,6 @@ def test_neighbouring_values_are_not_correlated():
     assert abs(torch.corrcoef(torch.stack([rows[:-1].flatten(), rows[1:].flatten()]))[0, 1].item()) < 0.01
 
 
-@hashed
 def test_bfloat16_gets_the_float32_mask_and_keeps_its_dtype():
     x = torch.randn(300, 70)
     torch.manual_seed(2)
@@ -80,7 +77,7 @@ def test_bfloat16_gets_the_float32_mask_and_keeps_its_dtype():
     torch.testing.assert_close(out_bf16.float(), out, rtol=1e-2, atol=0)
 
 
-@hashed
+@kernel
 def test_same_mask_on_one_or_two_threads_and_for_a_transposed_input():
     x = torch.randn(500, 300)
 
@@ -95,11 +92,23 @@ def test_same_mask_on_one_or_two_threads_and_for_a_transposed_input():
     torch.testing.assert_close(transposed[transposed != 0], (x.t()[transposed != 0] / 0.7), rtol=1e-4, atol=0)
 
 
-def test_torch_dropout_stands_in_where_the_kernels_do_not_run(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
-    x = torch.randn(400, 400)
-    assert not hashed_mask_fits(x)
-    torch.manual_seed(5)
-    out = Dropout(0.25).train()(x)
-    torch.manual_seed(5)
-    torch.testing.assert_close(out, F.dropout(x, 0.25, training=True))
+@kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_ops_apply_the_kernels_mask_where_the_kernels_are_off(monkeypatch, dtype):
+    """One seed, one mask, whether the C++ kernel or torch's ops apply it: outputs and gradients equal bit for bit
+    (so a fit is the same model with the kernels on or off, and on a GPU)."""
+    x = torch.randn(401, 33, dtype=dtype)
+
+    def masked() -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        out = Dropout(0.25).train()(leaf)
+        (out.float() * torch.arange(out.numel()).view(out.shape)).sum().backward()
+        return out.detach(), leaf.grad
+
+    assert hashed_mask_kernel_fits(x)
+    with_kernel = masked()
+    monkeypatch.setenv("VN30_CPU_KERNELS", "0")
+    assert not hashed_mask_kernel_fits(x)
+    for got, want in zip(masked(), with_kernel):
+        assert torch.equal(got, want)

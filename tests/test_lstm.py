@@ -19,6 +19,7 @@ from qlib.utils import init_instance_by_config
 from conftest import run_qrun
 from vn30_qlib.models import lstm as lstm_module
 from vn30_qlib.models.lstm import LSTM
+from vn30_qlib.models.training import LabelledRows
 from vn30_qlib.models.windows import SequenceWindows
 
 FEATURES = ["KSFT", "KMID", "KLOW", "KUP", "ROC5", "STD5"]
@@ -178,7 +179,7 @@ def test_interrupted_fit_resumes_from_its_checkpoint(planted, tmp_path, monkeypa
     uninterrupted = LSTM(**SMALL, n_epochs=3, checkpoint_dir=str(tmp_path / "full"))
     uninterrupted.fit(planted)
 
-    batches = lstm_module._Rows.batches
+    batches = LabelledRows.batches
     calls = []
 
     def interrupt_in_third_epoch(self, *args, **kwargs):
@@ -187,7 +188,7 @@ def test_interrupted_fit_resumes_from_its_checkpoint(planted, tmp_path, monkeypa
             raise KeyboardInterrupt
         return batches(self, *args, **kwargs)
 
-    monkeypatch.setattr(lstm_module._Rows, "batches", interrupt_in_third_epoch)
+    monkeypatch.setattr(LabelledRows, "batches", interrupt_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         LSTM(**SMALL, n_epochs=3, checkpoint_dir=str(tmp_path / "cut")).fit(planted)
 
@@ -205,7 +206,7 @@ def test_lstm_workflow_pickles_into_the_recorder(sim_provider, tmp_path):
     provider = sim_provider(0.1)
     recorder = run_qrun("lstm_vn30.yaml", provider, tmp_path, "lstm_pickle", extra_env={"LSTM_EPOCHS": "2", "LSTM_THREADS": "1"})
     metrics = recorder.list_metrics()
-    for key in ("IC", "Rank IC", "test_mse", "1day.excess_return_with_cost.annualized_return",
+    for key in ("IC", "Rank IC", "test_mse_learnt", "1day.excess_return_with_cost.annualized_return",
                 "train_loss", "valid_loss", "valid_ic"):
         assert np.isfinite(metrics[key]), key
     assert metrics["Rank IC"] > 0.05

@@ -8,8 +8,7 @@ from torch import nn
 from vn30_qlib.models import cpu_kernels
 from vn30_qlib.models.lstm_layer import kernel_runs, lstm_layer
 
-pytestmark = pytest.mark.skipif(cpu_kernels.build() is None,
-                                reason="the CPU kernels did not build here (no C++ compiler?)")
+pytestmark = pytest.mark.usefixtures("built_kernels")  # on Linux with a compiler, a failed build fails
 
 
 def _inputs(rows: int, steps: int, inputs: int, hidden: int):
@@ -54,7 +53,7 @@ def test_torch_lstm_stands_in_where_the_kernel_does_not_run(monkeypatch):
     two_layers = nn.LSTM(5, 8, num_layers=2, batch_first=True)
     assert kernel_runs(lstm, x) and not kernel_runs(two_layers, x)
     assert not kernel_runs(nn.LSTM(5, 8), x)  # time-major
-    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    monkeypatch.setenv("VN30_CPU_KERNELS", "0")
     assert not kernel_runs(lstm, x)
     # a state sliced out of a wider tensor, as the TFT's static contexts are
     strided_h0 = torch.stack([h0[0], h0[0]], dim=1)[:, 0].unsqueeze(0)

@@ -3,6 +3,10 @@ known-future inputs, the planted signal found and noise not, one seed one model,
 ``qrun workflows/tft_vn30.yaml`` with a reload from the recorder."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,9 +20,11 @@ from handlers.vn30_alpha158 import LABEL
 from handlers.vn30_tft import horizon_labels
 from vn30_qlib.data.check import init_qlib
 from vn30_qlib.data.holidays import hose_trading_days
-from vn30_qlib.models.tft import (
-    TFT, GatedLinearUnit, GatedResidualNetwork, InterpretableMultiHeadAttention, LSTMEncoderDecoder, QuantileOutput,
-    StaticCovariateEncoder, TemporalFusionNetwork, TFTBatch, TFTWeights, VariableSelectionNetwork, quantile_loss,
+from vn30_qlib.models.tft import TFT
+from vn30_qlib.models.tft.network import TemporalFusionNetwork, TFTBatch, TFTWeights
+from vn30_qlib.models.tft.sub_modules import (
+    GatedLinearUnit, GatedResidualNetwork, InterpretableMultiHeadAttention, LSTMEncoderDecoder, QuantileOutput,
+    StaticCovariateEncoder, VariableSelectionNetwork, quantile_loss,
 )
 from vn30_qlib.models.training import _take_rows
 from vn30_qlib.models.tft_inputs import CALENDAR_FEATURES, calendar_features, static_codes, validate_known_future
@@ -235,7 +241,7 @@ def test_qrun_tft_workflow_records_and_reloads(sim_provider, tmp_path):
     overrides = {"TFT_EPOCHS": "1", "TFT_HIDDEN": "16", "TFT_THREADS": "1"}
     recorder = run_qrun("tft_vn30.yaml", provider, tmp_path, "tft_qrun", overrides)
     metrics = recorder.list_metrics()
-    for key in ("IC", "Rank IC", "test_mse", "tft_coverage_10_90", "tft_quantile_crossing",
+    for key in ("IC", "Rank IC", "test_mse_learnt", "tft_coverage_10_90", "tft_quantile_crossing",
                 "1day.excess_return_with_cost.annualized_return", "train_loss", "valid_loss"):
         assert np.isfinite(metrics[key]), key
     assert 0.6 < metrics["tft_coverage_10_90"] < 0.95
@@ -257,3 +263,34 @@ def test_qrun_tft_workflow_records_and_reloads(sim_provider, tmp_path):
     data = init_instance_by_config(load_workflow(REPO / "workflows" / "tft_vn30.yaml", env)["task"]["dataset"])
     np.testing.assert_array_equal(model.predict(data).reindex(pred.index).to_numpy(), pred.to_numpy())
     np.testing.assert_array_equal(quantiles["h1_q0.5"].to_numpy(), pred.to_numpy())
+
+
+def test_grn_equals_its_textbook_form_with_the_input_and_skip_maps_as_one_matmul():
+    """LayerNorm(W_s a + b_s + GLU(W1 ELU(W2 a + b2 + W3 c) + b1)), each map on its own, equals the module, whose
+    input and skip maps run as one matmul; and the identity skip where the sizes match."""
+    torch.manual_seed(0)
+    a, context = torch.randn(6, 5, 7), torch.randn(6, 1, 3)
+    for output_size in (4, 7):
+        grn = GatedResidualNetwork(7, 9, output_size, context_size=3).eval()
+        with torch.no_grad():
+            hidden = grn.fc_hidden(torch.nn.functional.elu(grn.fc_input(a) + grn.fc_context(context)))
+            skip = grn.skip(a)
+            expected = grn.norm(skip + torch.nn.functional.glu(grn.gate.linear(hidden), dim=-1))
+            torch.testing.assert_close(grn(a, context), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_importing_the_package_and_drawing_its_plots_choose_no_matplotlib_backend(tmp_path):
+    """No module switches matplotlib's process-wide backend or loads pyplot (a notebook's inline backend stays):
+    the plots are drawn on their own Figure objects."""
+    code = (
+        "import sys, matplotlib, pandas as pd\n"
+        "import vn30_qlib.cli, vn30_qlib.records, vn30_qlib.report, vn30_qlib.models.tft\n"
+        "from vn30_qlib.models.tft.diagnostics import plot_weights\n"
+        f"plot_weights(pd.Series([0.2, 0.8], index=['a', 'b']), 'past', {str(tmp_path / 'p.png')!r})\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n"
+        "assert matplotlib.rcParams._get_backend_or_none() is None, matplotlib.rcParams._get_backend_or_none()\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "MPLBACKEND"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "p.png").stat().st_size > 1000

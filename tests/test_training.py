@@ -1,12 +1,20 @@
-"""The shared epoch loop: which weights it leaves in the module after early stopping."""
+"""The shared fit set-up and epoch loop: which weights the loop leaves in the module after early stopping, what
+a fit leaves of process-wide state (nothing), and how many threads a fit takes."""
 from __future__ import annotations
 
+import os
+import random
+from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 
-from vn30_qlib.models.training import LoopConfig, fit_epochs
+from vn30_qlib import cpu
+from vn30_qlib.cpu import fit_threads
+from vn30_qlib.models import cpu_kernels
+from vn30_qlib.models.training import LoopConfig, fit_epochs, fit_session, native_bf16
 
 
 class HalvedInput(NamedTuple):
@@ -151,3 +159,64 @@ def test_a_part_shared_by_the_chunks_trains_exactly_as_computed_in_each(chunk_ro
         torch.testing.assert_close(value, own_state[name])
     for shared_row, own_row in zip(shared_history, own_history, strict=True):
         assert shared_row["train_loss"] == pytest.approx(own_row["train_loss"], rel=1e-5)
+
+
+def test_a_fit_session_leaves_no_process_wide_state_behind(monkeypatch):
+    """Seeding, deterministic algorithms, the thread count and the kernel switch hold inside a fit only: after it
+    the flags, torch's threads and the Python, NumPy and torch random streams are as they were."""
+    torch.use_deterministic_algorithms(False)
+    threads = torch.get_num_threads()
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    expected = (random.random(), np.random.rand(), torch.rand(()).item())
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    with fit_session(seed=0, device="cpu", n_threads=1, cpu_kernels="off") as session:
+        assert torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == 1
+        assert session.threads == 1 and not session.cpu_kernels and not cpu_kernels.enabled()
+        inside = torch.rand(()).item()
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == threads
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected
+    with fit_session(seed=0, device="cpu", n_threads=1):
+        assert torch.rand(()).item() == inside  # the seed fixes the stream inside
+
+
+def test_a_missing_private_torch_api_reads_as_no_amx(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert native_bf16(torch.device("cpu")) is False
+
+    def broken():
+        raise RuntimeError("cpuinfo failed")
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken, raising=False)
+    assert native_bf16(torch.device("cpu")) is False
+
+
+def test_thread_counts_given_auto_and_refused(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert fit_threads(3) == 3 and fit_threads(0) == 8
+    monkeypatch.setattr(cpu, "other_busy_processes", lambda: 0)
+    assert fit_threads("auto") == 8  # alone: every core
+    monkeypatch.setattr(cpu, "other_busy_processes", lambda: 1)
+    assert fit_threads("auto") == 4  # one other busy process: half the cores each
+    monkeypatch.setattr(cpu, "other_busy_processes", lambda: 20)
+    assert fit_threads("auto") == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a loop worker's share wins over the load
+    assert fit_threads("auto") == 2
+    for bad in (-1, "many", 1.5, True):
+        with pytest.raises(ValueError, match="n_threads must be 'auto', 0 .every core. or a thread count >= 1"):
+            fit_threads(bad)
+
+
+def test_busy_processes_are_counted_from_the_kernels_runnable_count(monkeypatch, tmp_path):
+    """/proc/stat's procs_running counts this process too: 3 runnable -> 2 others (median of the samples)."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1 2 3\nprocs_running 3\nprocs_blocked 0\n")
+    monkeypatch.setattr(cpu, "Path", lambda path: stat if path == "/proc/stat" else Path(path))
+    assert cpu.other_busy_processes(samples=3, interval_s=0.0) == 2
+    stat.write_text("procs_running 1\n")
+    assert cpu.other_busy_processes(samples=1) == 0

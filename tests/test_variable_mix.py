@@ -11,11 +11,11 @@ from conftest import same_on_one_and_two_threads
 from vn30_qlib.models import cpu_kernels
 from vn30_qlib.models import variable_mix as vm
 from vn30_qlib.models.dropout import LEVELS
-from vn30_qlib.models.tft import (
-    GatedResidualNetwork, NumericEmbedding, TemporalFusionNetwork, TFTBatch, quantile_loss)
+from vn30_qlib.models.tft.network import TemporalFusionNetwork, TFTBatch
+from vn30_qlib.models.tft.sub_modules import (
+    GatedResidualNetwork, NumericEmbedding, VariableSelectionNetwork, quantile_loss)
 
-pytestmark = pytest.mark.skipif(cpu_kernels.build() is None,
-                                reason="the CPU kernels did not build here (no C++ compiler?)")
+pytestmark = pytest.mark.usefixtures("built_kernels")  # on Linux with a compiler, a failed build fails
 WIDTH = cpu_kernels.VARIABLE_WIDTH
 
 
@@ -56,7 +56,7 @@ def test_mix_and_gradients_equal_torch_ops_with_the_kernels_dropout_mask(rows):
     values, embedding, weights = inputs(rows, 5)
     embedded = embed(values, embedding)
     torch.manual_seed(7)
-    fused = vm.variable_mix(embedded, weights, grn, values, embedding)
+    fused = vm.fused_variable_mix(values, weights, embedding, grn)
     torch.manual_seed(7)  # the kernel's seed is the first draw after this
     mask = vm.kernel_dropout_mask(rows, 5, int(torch.randint(0, 2**63 - 1, ())), 0.3)
     expected = torch_mix(embedded, weights, grn, mask)
@@ -75,7 +75,7 @@ def test_evaluation_uses_no_dropout_and_equals_the_grn_module():
     values, embedding, weights = inputs(100, 7)
     embedded = embed(values, embedding)
     expected = (weights.unsqueeze(-1) * grn(embedded)).sum(-2)
-    torch.testing.assert_close(vm.variable_mix(embedded, weights, grn, values, embedding), expected, rtol=1e-5,
+    torch.testing.assert_close(vm.fused_variable_mix(values, weights, embedding, grn), expected, rtol=1e-5,
                                atol=1e-5)
 
 
@@ -101,7 +101,7 @@ def test_same_result_bit_for_bit_with_one_or_two_threads():
 
     def mix_and_differentiate():
         torch.manual_seed(3)
-        out = vm.variable_mix(embed(values, embedding), weights, grn, values, embedding)
+        out = vm.fused_variable_mix(values, weights, embedding, grn)
         leaves = [values, weights, *embedding.parameters(), *grn.parameters()]
         return [out, *torch.autograd.grad(out.square().sum(), leaves)]
 
@@ -122,7 +122,7 @@ def test_network_trains_the_same_through_the_kernel_or_torch_ops(monkeypatch):
         return out.detach(), [p.grad.clone() for p in net.parameters()]
 
     fused_out, fused_grads = forecast_and_gradients()
-    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    monkeypatch.setenv("VN30_CPU_KERNELS", "0")
     torch_out, torch_grads = forecast_and_gradients()
     torch.testing.assert_close(fused_out, torch_out, rtol=1e-5, atol=1e-6)
     for got, want in zip(fused_grads, torch_grads):
@@ -130,14 +130,36 @@ def test_network_trains_the_same_through_the_kernel_or_torch_ops(monkeypatch):
 
 
 def test_torch_ops_stand_in_where_the_kernel_does_not_apply():
-    """Another width, or categorical inputs (no values): the mix still runs, in torch's ops."""
+    """Another width, or categorical inputs (no values): the variable selection still runs, in torch's ops."""
     torch.manual_seed(0)
-    grn = GatedResidualNetwork(4, 4, 4, n_groups=3).eval()
-    values, embedding = torch.randn(10, 3), NumericEmbedding(3, 4)
-    embedded, weights = embed(values, embedding), torch.softmax(torch.randn(10, 3), -1)
-    expected = (weights.unsqueeze(-1) * grn(embedded)).sum(-2)
-    torch.testing.assert_close(vm.variable_mix(embedded, weights, grn, values, embedding), expected)
-    torch.testing.assert_close(vm.variable_mix(embedded, weights, grn), expected)
+    vsn = VariableSelectionNetwork(n_vars=3, variable_size=4, hidden_size=6).eval()
+    values = torch.randn(10, 3)
+    assert not vm.fused_fits(values, vsn.embedding, vsn.transform)
+    selected, weights = vsn(values)
+    expected = (weights.unsqueeze(-1) * vsn.transform(vsn.embedding(values))).sum(-2)
+    torch.testing.assert_close(selected, vsn.project(expected))
+    categorical = VariableSelectionNetwork(n_vars=3, variable_size=WIDTH, hidden_size=6, numeric=False).eval()
+    embedded = torch.randn(10, 3, WIDTH)
+    selected, weights = categorical(embedded)
+    torch.testing.assert_close(selected, categorical.project((weights.unsqueeze(-1) * categorical.transform(embedded))
+                                                             .sum(-2)))
+
+
+def test_the_fused_kernel_equals_the_variable_selections_textbook_mix(monkeypatch):
+    """The selection's output with the fused kernel (the default on a CPU) and in torch's ops (kernels off): the
+    same values in eval mode, and in training the same dropout mask, so the same values too."""
+    vsn = VariableSelectionNetwork(n_vars=5, variable_size=WIDTH, hidden_size=6, context_size=4, dropout=0.3)
+    values, context = torch.randn(37, 3, 5), torch.randn(37, 1, 4)
+    assert vm.fused_fits(values, vsn.embedding, vsn.transform)
+    for train in (False, True):
+        vsn.train(train)
+        torch.manual_seed(3)
+        fused = vsn(values, context)
+        with cpu_kernels.use("off"):
+            torch.manual_seed(3)
+            textbook = vsn(values, context)
+        for got, want in zip(fused, textbook):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_a_kernel_that_cannot_build_leaves_the_torch_ops(monkeypatch):
@@ -148,10 +170,12 @@ def test_a_kernel_that_cannot_build_leaves_the_torch_ops(monkeypatch):
     cpu_kernels.build.cache_clear()
     try:
         assert cpu_kernels.build() is None
-        grn = per_variable_grn(n_vars=3, dropout=0.1).eval()
-        values, embedding, weights = inputs(10, 3)
-        embedded = embed(values, embedding)
-        torch.testing.assert_close(vm.variable_mix(embedded, weights, grn, values, embedding),
-                                   (weights.unsqueeze(-1) * grn(embedded)).sum(-2))
+        assert "c++: command not found" in cpu_kernels.build_error()
+        vsn = VariableSelectionNetwork(n_vars=3, variable_size=WIDTH, hidden_size=6).eval()
+        values = torch.randn(10, 3)
+        assert not vm.fused_fits(values, vsn.embedding, vsn.transform)
+        selected, weights = vsn(values)
+        torch.testing.assert_close(selected, vsn.project((weights.unsqueeze(-1) * vsn.transform(vsn.embedding(values)))
+                                                         .sum(-2)))
     finally:
         cpu_kernels.build.cache_clear()

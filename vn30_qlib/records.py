@@ -4,20 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
+from qlib.config import C
+from qlib.contrib.eva.alpha import calc_long_short_return
+from qlib.data.dataset.handler import DataHandlerLP
+from qlib.log import get_module_logger
+from qlib.workflow.record_temp import PortAnaRecord, RecordTemp, SigAnaRecord, SignalRecord
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from qlib.config import C  # noqa: E402
-from qlib.contrib.eva.alpha import calc_long_short_return  # noqa: E402
-from qlib.data.dataset.handler import DataHandlerLP  # noqa: E402
-from qlib.log import get_module_logger  # noqa: E402
-from qlib.workflow.record_temp import PortAnaRecord, RecordTemp, SigAnaRecord, SignalRecord  # noqa: E402
-
-from vn30_qlib.data.ingest import INDEX_SYMBOL  # noqa: E402
-from vn30_qlib.data.provider import read_instruments  # noqa: E402
-from vn30_qlib.metrics import daily_ic, daily_rank_ic, hit_rate, information_ratio, is_degenerate, mae, mse  # noqa: E402,E501
+from vn30_qlib.data.ingest import INDEX_SYMBOL
+from vn30_qlib.data.provider import read_instruments
+from vn30_qlib.metrics import daily_ic, daily_rank_ic, hit_rate, information_ratio, is_degenerate, mae, mse
 
 # More than this share of test days with constant predictions: the run is reported as having learnt nothing.
 DEGENERATE_DAY_SHARE = 0.5
@@ -130,13 +127,13 @@ class FeatureImportanceRecord(RecordTemp):
             importance.to_csv(csv_path, header=True, index_label="feature")
             png_path = Path(tmp) / "importance.png"
             top = importance.head(self.top)[::-1]
-            fig, ax = plt.subplots(figsize=(7, 0.22 * len(top) + 1.2))
+            fig = Figure(figsize=(7, 0.22 * len(top) + 1.2))  # no pyplot: no process-wide backend chosen
+            ax = fig.subplots()
             ax.barh(top.index, top.to_numpy())
             ax.set_xlabel(f"{self.importance_type} importance")
             ax.set_title(f"Top {len(top)} features")
             fig.tight_layout()
             fig.savefig(png_path, dpi=110)
-            plt.close(fig)
             self.recorder.log_artifact(str(csv_path), artifact_path=self.artifact_path)
             self.recorder.log_artifact(str(png_path), artifact_path=self.artifact_path)
         return importance

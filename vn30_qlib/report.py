@@ -16,15 +16,12 @@ import json
 import os
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from vn30_qlib import store  # noqa: E402
-from vn30_qlib.loop import simulation_summary  # noqa: E402
-from vn30_qlib.metrics import daily_rank_ic  # noqa: E402
+from vn30_qlib import store
+from vn30_qlib.loop import simulation_summary
+from vn30_qlib.metrics import daily_rank_ic
 
 METRIC_COLUMNS = ["ic", "rank_ic", "mse_learnt", "mae_learnt", "days", "degenerate"]
 UNITS_NOTE = ("IC and Rank IC are against the raw return. MSE and MAE (mse_learnt, mae_learnt) are in the units of "
@@ -83,12 +80,12 @@ def _png(fig) -> bytes:
     buffer = BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
     return buffer.getvalue()
 
 
 def _distribution_plot(metrics: pd.DataFrame) -> bytes:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))  # no pyplot: no process-wide backend chosen
+    ax = fig.subplots()
     groups = [(f"{m}\n{mode}", g["rank_ic"].dropna().astype(float)) for (m, mode), g in metrics.groupby(["model", "mode"])]
     ax.boxplot([g for _, g in groups], tick_labels=[name for name, _ in groups])
     ax.axhline(0, color="grey", lw=0.8)
@@ -99,7 +96,8 @@ def _distribution_plot(metrics: pd.DataFrame) -> bytes:
 def _cumulative_ic_plot(pooled: pd.DataFrame, root: Path) -> bytes | None:
     if pooled.empty:
         return None
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))  # no pyplot: no process-wide backend chosen
+    ax = fig.subplots()
     for _, row in pooled.iterrows():
         version = root / row["version"]
         stored = store.read_predictions(version, store.read_metadata(version))

@@ -15,46 +15,46 @@ import pandas as pd
 
 from vn30_qlib.data.holidays import hose_trading_days
 from vn30_qlib.data.provider import check_out_dir, write_provider
+from vn30_qlib.data.sectors import SECTOR, SECTORS, SYMBOLS
 
 DEFAULT_START = "2015-10-05"
 DEFAULT_END = "2024-09-30"
 
-# symbol: (sector, first HOSE trading day or None when listed before 2015, start price in thousand VND).
-# Symbols that moved to HOSE from HNX or UPCoM (ACB, BCM, DGC, LPB, SHB, VIB) trade from the start here.
-UNIVERSE: dict[str, tuple[str, str | None, float]] = {
-    "ACB": ("banking", None, 22.0),
-    "BCM": ("real estate", None, 30.0),
-    "BID": ("banking", None, 20.0),
-    "CTG": ("banking", None, 18.0),
-    "DGC": ("materials", None, 25.0),
-    "FPT": ("tech", None, 43.0),
-    "GAS": ("energy", None, 40.0),
-    "GVR": ("materials", "2021-03-17", 24.0),
-    "HDB": ("banking", "2018-01-05", 33.0),
-    "HPG": ("materials", None, 25.0),
-    "LPB": ("banking", None, 10.0),
-    "MBB": ("banking", None, 14.0),
-    "MSN": ("consumer", None, 70.0),
-    "MWG": ("consumer", None, 90.0),
-    "PLX": ("energy", "2017-04-21", 60.0),
-    "SAB": ("consumer", "2016-12-06", 140.0),
-    "SHB": ("banking", None, 10.0),
-    "SSB": ("banking", "2021-03-24", 26.0),
-    "SSI": ("securities", None, 22.0),
-    "STB": ("banking", None, 12.0),
-    "TCB": ("banking", "2018-06-04", 128.0),
-    "TPB": ("banking", "2018-04-19", 32.0),
-    "VCB": ("banking", None, 46.0),
-    "VHM": ("real estate", "2018-05-17", 115.0),
-    "VIB": ("banking", None, 18.0),
-    "VIC": ("real estate", None, 45.0),
-    "VJC": ("industrials", "2017-02-28", 110.0),
-    "VNM": ("consumer", None, 120.0),
-    "VPB": ("banking", "2017-08-17", 40.0),
-    "VRE": ("real estate", "2017-11-06", 45.0),
+# symbol: (first HOSE trading day or None when listed before 2015, start price in thousand VND); sectors are
+# `vn30_qlib.data.sectors.SECTOR`. Symbols that moved to HOSE from HNX or UPCoM (ACB, BCM, DGC, LPB, SHB, VIB) trade
+# from the start here.
+LISTING: dict[str, tuple[str | None, float]] = {
+    "ACB": (None, 22.0),
+    "BCM": (None, 30.0),
+    "BID": (None, 20.0),
+    "CTG": (None, 18.0),
+    "DGC": (None, 25.0),
+    "FPT": (None, 43.0),
+    "GAS": (None, 40.0),
+    "GVR": ("2021-03-17", 24.0),
+    "HDB": ("2018-01-05", 33.0),
+    "HPG": (None, 25.0),
+    "LPB": (None, 10.0),
+    "MBB": (None, 14.0),
+    "MSN": (None, 70.0),
+    "MWG": (None, 90.0),
+    "PLX": ("2017-04-21", 60.0),
+    "SAB": ("2016-12-06", 140.0),
+    "SHB": (None, 10.0),
+    "SSB": ("2021-03-24", 26.0),
+    "SSI": (None, 22.0),
+    "STB": (None, 12.0),
+    "TCB": ("2018-06-04", 128.0),
+    "TPB": ("2018-04-19", 32.0),
+    "VCB": (None, 46.0),
+    "VHM": ("2018-05-17", 115.0),
+    "VIB": (None, 18.0),
+    "VIC": (None, 45.0),
+    "VJC": ("2017-02-28", 110.0),
+    "VNM": (None, 120.0),
+    "VPB": ("2017-08-17", 40.0),
+    "VRE": ("2017-11-06", 45.0),
 }
-SYMBOLS: tuple[str, ...] = tuple(sorted(UNIVERSE))
-SECTORS: tuple[str, ...] = tuple(sorted({sector for sector, _, _ in UNIVERSE.values()}))
 SECTOR_BETA = {
     "banking": 1.15, "consumer": 0.75, "energy": 0.9, "industrials": 0.8,
     "materials": 1.1, "real estate": 1.1, "securities": 1.5, "tech": 0.85,
@@ -189,7 +189,7 @@ def simulate_market(
         raise ValueError(f"{start}..{end} holds fewer than 3 trading days")
     rng = np.random.default_rng(seed)
     n_days, n_sym = len(calendar), len(SYMBOLS)
-    sectors = [UNIVERSE[s][0] for s in SYMBOLS]
+    sectors = [SECTOR[s] for s in SYMBOLS]
     sector_idx = np.array([SECTORS.index(g) for g in sectors])
     betas = np.array([SECTOR_BETA[g] for g in sectors]) * np.exp(rng.normal(0.0, BETA_JITTER, n_sym))
     sigma = cross_sectional_sigma(betas, sectors)
@@ -208,12 +208,12 @@ def simulate_market(
     ret = betas * market[:, None] + sector[:, sector_idx] + idio + planted
 
     # listing: the first calendar day on or after the listing date
-    first = np.array([0 if UNIVERSE[s][1] is None else int(calendar.searchsorted(pd.Timestamp(UNIVERSE[s][1])))
+    first = np.array([0 if LISTING[s][0] is None else int(calendar.searchsorted(pd.Timestamp(LISTING[s][0])))
                       for s in SYMBOLS])
     listed = np.arange(n_days)[:, None] >= first[None, :]
 
     # closes: previous close (the start price before listing) times exp(return), limited and on the tick
-    ref = round_to_tick(np.array([UNIVERSE[s][2] for s in SYMBOLS]))
+    ref = round_to_tick(np.array([LISTING[s][1] for s in SYMBOLS]))
     prev = np.empty((n_days, n_sym))
     close = np.empty((n_days, n_sym))
     for t in range(n_days):
@@ -274,7 +274,7 @@ def simulate_market(
         "constants": {name: value for name, value in globals().items()
                       if name.isupper() and isinstance(value, (int, float)) and not isinstance(value, bool)},
         "sector_beta": SECTOR_BETA,
-        "symbols": {s: {"sector": sectors[j], "beta": float(betas[j]), "start_price": float(UNIVERSE[s][2]),
+        "symbols": {s: {"sector": sectors[j], "beta": float(betas[j]), "start_price": float(LISTING[s][1]),
                         "first_day": f"{calendar[first[j]]:%Y-%m-%d}" if first[j] < n_days else None,
                         "volume_median": float(np.exp(level[j]))}
                     for j, s in enumerate(SYMBOLS)},

@@ -1,7 +1,7 @@
 """ELU as a CPU kernel: torch's CPU ELU takes about 2 ns a value on this project's machine, ~2 ms forward +
 backward of a 256-row TFT training chunk (the dense GRNs' hidden layers); ``csrc/elu.cpp`` (`cpu_kernels`) takes
 the vector exp over flat runs of values and saves only the output for the backward. Anywhere else (a GPU, another
-dtype, no compiler, ``cpu_kernels.ENABLED`` off) it is ``F.elu``; both agree to float32 rounding
+dtype, no compiler, the kernels switched off) it is ``F.elu``; both agree to float32 rounding
 (tests/test_elu.py).
 """
 from __future__ import annotations
@@ -22,11 +22,11 @@ def elu(x: torch.Tensor) -> torch.Tensor:
 class _ELU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        out = cpu_kernels.get().elu_forward(x)
+        out = cpu_kernels.build().elu_forward(x)
         ctx.save_for_backward(out)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
-        return cpu_kernels.get().elu_backward(grad.contiguous(), out)
+        return cpu_kernels.build().elu_backward(grad.contiguous(), out)

@@ -5,7 +5,7 @@ Torch's ``F.glu`` backward recomputes the sigmoid over the strided half b in a s
 residual cost two more passes (addmm's copy of the bias into its output, the add): about 1.7 ms forward +
 backward over a TFT chunk's (256, 21, 128) gate input on this project's CPU, three such gates a chunk.
 ``csrc/glu.cpp`` (`cpu_kernels`) reads each row's halves as vectors, takes a vector exp and adds the bias and the
-residual on the way. Anywhere else (a GPU, another dtype, no compiler, ``cpu_kernels.ENABLED`` off) the same sum
+residual on the way. Anywhere else (a GPU, another dtype, no compiler, the kernels switched off) the same sum
 runs in torch's ops; both agree to float32 rounding (tests/test_glu.py).
 """
 from __future__ import annotations
@@ -33,11 +33,11 @@ class _GLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, residual):
         ctx.save_for_backward(x, bias)
-        return cpu_kernels.get().glu_forward(x, bias, residual)
+        return cpu_kernels.build().glu_forward(x, bias, residual)
 
     @staticmethod
     def backward(ctx, grad):
         x, bias = ctx.saved_tensors
-        grad_x = cpu_kernels.get().glu_backward(grad.contiguous(), x, bias)
+        grad_x = cpu_kernels.build().glu_backward(grad.contiguous(), x, bias)
         grad_bias = grad_x.reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
         return grad_x, grad_bias, grad

@@ -29,10 +29,18 @@ def check_kwargs(owner: str, given: Iterable[str], valid: Iterable[str], referen
 
 
 def constructor_kwargs(cls: type) -> list[str]:
-    """The keyword arguments ``cls(...)`` accepts by name."""
-    parameters = inspect.signature(cls.__init__).parameters.values()
-    return [p.name for p in parameters
-            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    """The keyword arguments ``cls(...)`` accepts by name: its ``__init__``'s, and where that passes ``**kwargs``
+    on, those of the base classes' ``__init__`` it reaches (the sequence models' shared training kwargs)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names += [p.name for p in parameters
+                  if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names]
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return names
 
 
 def checked_kwargs(cls: ModelClass) -> ModelClass:

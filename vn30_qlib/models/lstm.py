@@ -7,24 +7,17 @@ only) and end at day t: no row after t enters the prediction for t.
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from qlib.data.dataset import DatasetH
 from qlib.data.dataset.handler import DataHandlerLP
-from qlib.log import get_module_logger
-from qlib.model.base import Model
 
-from vn30_qlib.cpu import cpu_threads
 from vn30_qlib.models.dropout import Dropout
 from vn30_qlib.models.kwargs_check import checked_kwargs
 from vn30_qlib.models.training import (
-    CpuPickledModel, LoopConfig, adam, daily_ic, fit_epochs, native_bf16, pick_device, require_cross_sections,
-    set_seed)
+    LabelledRows, SequenceModel, daily_ic, native_bf16, require_cross_sections, segment_labels)
 from vn30_qlib.models.windows import SequenceWindows
 
 LOSSES = ("mse", "ic")
@@ -65,19 +58,21 @@ class LSTMNet(torch.nn.Module):
 
 
 @checked_kwargs
-class LSTM(CpuPickledModel, Model):
+class LSTM(SequenceModel):
     """LSTM on sequence windows of a ``DatasetH``; the number of features is read from the data.
 
     ``loss``: "mse" on the per-day z-scored label, or "ic" (minus the mean daily Pearson correlation within a
     batch; batches are then whole days). ``metric``: what early stopping watches on the valid segment, "loss"
-    or "ic". ``checkpoint_dir``: where the per-epoch checkpoint goes (None: a temporary folder, removed after
-    fit); ``resume=True`` continues from the checkpoint there. ``n_threads``: torch's CPU threads (0 = every core
-    this process may use; 1 is much faster on a CPU shared with other jobs). ``chunk_rows``: on a CPU, each
+    or "ic". ``loop_options``: ``early_stop``, ``grad_clip``, ``seed``, ``device``, ``checkpoint_dir``, ``resume``,
+    ``n_threads`` ("auto": a share of the cores when other jobs keep them busy), ``cpu_kernels``: see
+    `SequenceModel`. ``chunk_rows``: on a CPU, each
     batch's forward and backward run this many rows at a time (twice as many in bfloat16; the "mse" loss only),
     so the LSTM's activations stay in cache; the gradient is the batch's (only the dropout draws differ).
     ``precision``: "float32", "bfloat16" (autocast: bf16 matmuls, float32 weights and optimizer) or "auto"
     (bfloat16 on a CPU that multiplies it in hardware, see `native_bf16`); fit records its choice in ``bf16``.
     """
+
+    checkpoint_name = "lstm.pt"
 
     def __init__(
         self,
@@ -91,64 +86,38 @@ class LSTM(CpuPickledModel, Model):
         bidirectional: bool = False,
         step_len: int = 20,
         loss: str = "mse",
-        early_stop: int = 10,
         metric: str = "loss",
-        grad_clip: float | None = 3.0,
-        seed: int = 0,
-        device: str = "auto",
-        checkpoint_dir: str | None = None,
-        resume: bool = False,
-        n_threads: int = 0,
         chunk_rows: int | None = 128,
         precision: str = "auto",
+        **loop_options,
     ):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if resume and checkpoint_dir is None:
-            raise ValueError("resume=True needs a checkpoint_dir to resume from")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        super().__init__(lr=lr, batch_size=batch_size, n_epochs=n_epochs, metric=metric, chunk_rows=chunk_rows,
+                         **loop_options)
         self.d_feat, self.hidden_size, self.num_layers, self.dropout = d_feat, hidden_size, num_layers, dropout
-        self.lr, self.batch_size, self.n_epochs, self.bidirectional = lr, batch_size, n_epochs, bidirectional
-        self.step_len, self.loss, self.early_stop, self.metric = step_len, loss, early_stop, metric
-        self.grad_clip, self.seed, self.device, self.resume = grad_clip, seed, device, resume
-        self.checkpoint_dir, self.n_threads, self.chunk_rows = checkpoint_dir, n_threads, chunk_rows
-        self.precision = precision
+        self.bidirectional, self.step_len, self.loss, self.precision = bidirectional, step_len, loss, precision
         self.bf16 = False  # what fit chose from `precision` on its device; the pickle keeps it
-        self.module: LSTMNet | None = None
-        self.history: list[dict] = []
-        self.epoch_callback = None  # set by `vn30-qlib tune` to prune by epoch; not a YAML key, never pickled
 
     def fit(self, dataset: DatasetH, **kwargs) -> None:
-        set_seed(self.seed)
-        device = pick_device(self.device)
-        torch.set_num_threads(self.n_threads or cpu_threads())   # torch may count the host's cores, not ours
-        windows = self._windows(dataset)
-        if self.d_feat is not None and self.d_feat != len(windows.columns):
-            raise ValueError(f"d_feat={self.d_feat} but the handler gives {len(windows.columns)} features")
-        self.d_feat = len(windows.columns)
-        self.bf16 = self.precision == "bfloat16" or (self.precision == "auto" and native_bf16(device))
-        train = _Rows(dataset, "train", windows, device)
-        valid = _Rows(dataset, "valid", windows, device)
-        if self.loss == "ic":
-            require_cross_sections(train.days, "loss='ic'")
-        self.module = self._build_module().to(device)
-        optimizer = adam(self.module, self.lr)
-
-        def train_batches():
-            for rows in train.batches(self.batch_size, by_day=self.loss == "ic"):
-                yield _to_tensor(windows.gather(train.positions[rows]), device), train.label[rows], train.days[rows]
-
-        def predict_valid() -> torch.Tensor:
-            return self._forward(windows, valid.positions, device)
-
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(self.checkpoint_dir).expanduser() if self.checkpoint_dir is not None else Path(tmp)
-            config = LoopConfig(n_epochs=self.n_epochs, early_stop=self.early_stop, metric=self.metric,
-                                grad_clip=self.grad_clip, checkpoint_path=folder / "lstm.pt", resume=self.resume,
-                                on_epoch=self.epoch_callback, chunk_rows=self._chunk_rows())
-            self.history = fit_epochs(self.module, optimizer, train_batches, predict_valid, valid.label, valid.days,
-                                      self._loss, config)
+        with self._fit_session() as session:
+            device = session.device
+            windows = self._windows(dataset)
+            if self.d_feat is not None and self.d_feat != len(windows.columns):
+                raise ValueError(f"d_feat={self.d_feat} but the handler gives {len(windows.columns)} features")
+            self.d_feat = len(windows.columns)
+            self.bf16 = self.precision == "bfloat16" or (self.precision == "auto" and native_bf16(device))
+            train = LabelledRows(segment_labels(dataset, "train").iloc[:, 0], device, "train")
+            valid = LabelledRows(segment_labels(dataset, "valid").iloc[:, 0], device, "valid")
+            if self.loss == "ic":
+                require_cross_sections(train.days, "loss='ic'")
+            train_positions, valid_positions = windows.positions(train.index), windows.positions(valid.index)
+            self.module = self._build_module().to(device)
+            self._train(train, valid, lambda rows: _to_tensor(windows.gather(train_positions[rows]), device),
+                        lambda: self._forward(windows, valid_positions, device), self._loss,
+                        by_day=self.loss == "ic", chunk_rows=self._chunk_rows())
 
     def predict(self, dataset: DatasetH, segment: str | slice = "test") -> pd.Series:
         if self.module is None:
@@ -157,7 +126,7 @@ class LSTM(CpuPickledModel, Model):
         windows = self._windows(dataset)
         device = next(self.module.parameters()).device
         self.module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._predict_session():
             pred = self._forward(windows, windows.positions(index), device)
         return pd.Series(pred.cpu().numpy().astype("float64"), index=index, name="score")
 
@@ -186,39 +155,6 @@ class LSTM(CpuPickledModel, Model):
 
     def _build_module(self) -> LSTMNet:
         return LSTMNet(self.d_feat, self.hidden_size, self.num_layers, self.dropout, self.bidirectional, self.bf16)
-
-
-class _Rows:
-    """One segment's labelled rows: window positions, label and day code, ready for batching."""
-
-    def __init__(self, dataset: DatasetH, segment: str, windows: SequenceWindows, device: torch.device):
-        frame = dataset.prepare(segment, col_set=["feature", "label"], data_key=DataHandlerLP.DK_L)
-        label = frame["label"].iloc[:, 0]
-        label = label[np.isfinite(label.to_numpy())]
-        if label.empty:
-            raise ValueError(f"segment {segment!r} has no labelled rows")
-        self.positions = windows.positions(label.index)
-        self.label = torch.as_tensor(label.to_numpy(dtype="float32"), device=device)
-        codes, _ = pd.factorize(label.index.get_level_values("datetime"), sort=True)
-        self.days = torch.as_tensor(codes, device=device)
-        get_module_logger("LSTM").info(f"{segment}: {len(label)} rows, {codes.max() + 1} days")
-
-    def batches(self, batch_size: int, by_day: bool) -> list[np.ndarray]:
-        """A fresh random split of the rows into batches (NumPy's global RNG, which checkpoints restore).
-
-        ``by_day``: batches are whole days (about ``batch_size`` rows each), for losses computed per day.
-        """
-        if not by_day:
-            order = np.random.permutation(len(self.positions))
-            return np.array_split(order, max(1, int(np.ceil(len(order) / batch_size))))
-        days = self.days.cpu().numpy()
-        day_rank = np.random.permutation(days.max() + 1)[days]
-        order = np.argsort(day_rank, kind="stable")
-        per_day = np.bincount(day_rank)
-        ends = np.cumsum(per_day)
-        batch_of_day = (ends - 1) // batch_size
-        cuts = ends[np.r_[batch_of_day[1:] != batch_of_day[:-1], False]]
-        return np.split(order, cuts)
 
 
 def _to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:

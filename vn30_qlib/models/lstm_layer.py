@@ -6,7 +6,7 @@ every step's input in one matmul, runs each step as one small matmul and one vec
 computes the backward's weight and input gradients as three matmuls over all steps; the backward writes its step
 gradients over the gates the forward saved, so it runs once per forward (no ``retain_graph``). Same module, same
 parameters (pickles load either way). Anywhere else (a GPU, another dtype, more layers, no compiler,
-``cpu_kernels.ENABLED`` off) it is the module's own forward; both agree to float32 rounding
+the kernels switched off) it is the module's own forward; both agree to float32 rounding
 (tests/test_lstm_layer.py).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def kernel_runs(lstm: nn.LSTM, x: torch.Tensor) -> bool:
 class _LSTMLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
-        out, h, c, gates, cells = cpu_kernels.get().lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih + b_hh)
+        out, h, c, gates, cells = cpu_kernels.build().lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih + b_hh)
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, out, gates, cells)
         return out, h, c
 
@@ -52,6 +52,6 @@ class _LSTMLayer(torch.autograd.Function):
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
         grad_h = torch.zeros_like(h0) if grad_h is None else grad_h.contiguous()
         grad_c = torch.zeros_like(c0) if grad_c is None else grad_c.contiguous()
-        dx, dh0, dc0, dw_ih, dw_hh, db = cpu_kernels.get().lstm_layer_backward(
+        dx, dh0, dc0, dw_ih, dw_hh, db = cpu_kernels.build().lstm_layer_backward(
             grad_out, grad_h, grad_c, x, h0, c0, w_ih, w_hh, out, gates, cells)
         return dx, dh0, dc0, dw_ih, dw_hh, db, db

@@ -3,7 +3,7 @@
 Torch's broadcasting ops take 4-6 passes over the (rows, 20 days, variables, width) output forward and backward,
 about 6 ms of a 256-row TFT training chunk; ``csrc/numeric_embedding.cpp`` makes one, each (row, variable) one
 8-float vector (`cpu_kernels`). Anywhere else (a GPU, another dtype, a width other than 8, no compiler,
-``cpu_kernels.ENABLED`` off) the same sum runs in torch's ops; both give the same values and gradients to float32
+the kernels switched off) the same sum runs in torch's ops; both give the same values and gradients to float32
 rounding (tests/test_numeric_embedding.py).
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ class _NumericEmbedding(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        return cpu_kernels.get().numeric_embedding_forward(x, weight.contiguous(), bias.contiguous())
+        return cpu_kernels.build().numeric_embedding_forward(x, weight.contiguous(), bias.contiguous())
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        return tuple(cpu_kernels.get().numeric_embedding_backward(grad.contiguous(), x, weight.contiguous()))
+        return tuple(cpu_kernels.build().numeric_embedding_backward(grad.contiguous(), x, weight.contiguous()))

@@ -9,7 +9,7 @@ train-segment statistics.
 Days beyond the provider's calendar (the last H days' future) come from the HOSE rule
 (`vn30_qlib.data.holidays.hose_trading_days`); days inside it are the provider's own trading days.
 
-Static inputs are the instrument's identity and its sector (the table in `vn30_qlib.data.simulate.UNIVERSE`),
+Static inputs are the instrument's identity and its sector (the table in `vn30_qlib.data.sectors`),
 both as embedding indices where 0 means "not in the table".
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from vn30_qlib.data.holidays import FIRST_YEAR, LAST_YEAR, hose_trading_days, tet_dates
-from vn30_qlib.data.simulate import SECTORS, SYMBOLS, UNIVERSE
+from vn30_qlib.data.sectors import SECTOR, SECTORS, SYMBOLS
 
 TET_CAP_DAYS = 60  # calendar days to/from Tet beyond which the season no longer matters
 HOLIDAY_CAP_DAYS = 10  # trading days to/from a holiday gap, capped
@@ -112,7 +112,7 @@ def static_codes(instruments: Iterable[str]) -> np.ndarray:
     instrument_index = {name: i for i, name in enumerate(INSTRUMENTS)}
     sector_index = {name: i for i, name in enumerate(SECTOR_NAMES)}
     rows = [
-        (instrument_index.get(name, 0), sector_index[UNIVERSE[name][0]] if name in UNIVERSE else 0)
+        (instrument_index.get(name, 0), sector_index[SECTOR[name]] if name in SECTOR else 0)
         for name in instruments
     ]
     return np.asarray(rows, dtype="int64").reshape(-1, 2)

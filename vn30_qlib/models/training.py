@@ -1,4 +1,6 @@
-"""The epoch loop shared by the sequence models (LSTM, TFT): early stopping, checkpoints, resume, recorder metrics.
+"""What the sequence models (LSTM, TFT) share: the fit set-up (`fit_session`: device, threads, seed, CPU kernels,
+all undone when fit returns), their labelled rows (`LabelledRows`), the model base class (`SequenceModel`) and the
+epoch loop (`fit_epochs`): early stopping, checkpoints, resume, recorder metrics.
 
 A model supplies three things: ``train_batches()`` (one epoch of ``(x, y, days)`` batches, in its own shuffled
 order), ``predict_valid()`` (the module's output for every valid row, in the order of ``valid_label``) and
@@ -15,30 +17,73 @@ import copy
 import os
 import random
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+import pandas as pd
 import torch
+from qlib.data.dataset import DatasetH
+from qlib.data.dataset.handler import DataHandlerLP
 from qlib.log import get_module_logger
+from qlib.model.base import Model
 from qlib.workflow import R
 from tqdm import tqdm
+
+from vn30_qlib.cpu import THREADS_AUTO, fit_threads
+from vn30_qlib.models import cpu_kernels as kernels
 
 Batch = tuple  # (x, y, days): x is whatever the module takes, y and days tensors of one row each
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _METRIC_PREFIX = contextvars.ContextVar("metric_prefix", default="")
 
 
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch and ask torch for deterministic kernels, so one seed gives one CPU model."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    # deterministic mode would also NaN-fill every new tensor (a debugging aid): 3.5x slower TFT steps on CPU
-    torch.utils.deterministic.fill_uninitialized_memory = False
+@dataclass(frozen=True)
+class FitSession:
+    """What `fit_session` chose: the device, torch's CPU threads and whether the CPU kernels run."""
+
+    device: torch.device
+    threads: int
+    cpu_kernels: bool
+
+
+@contextmanager
+def fit_session(seed: int, device: str = "auto", n_threads: int | str = THREADS_AUTO,
+                cpu_kernels: str = "auto") -> Iterator[FitSession]:
+    """The set-up of a sequence model's fit, undone when it returns, so a fit changes no process-wide state.
+
+    Within it: Python, NumPy and torch seeded with ``seed`` and torch asked for deterministic kernels (one seed, one
+    CPU model), ``device`` picked (`pick_device`), torch on `fit_threads(n_threads)` threads, the CPU kernels as
+    ``cpu_kernels`` resolves (`vn30_qlib.models.cpu_kernels.use`); the threads and kernels chosen go to the running
+    recorder's params (``n_threads_used``, ``cpu_kernels_used``). After it: the random states, deterministic-
+    algorithm flags and thread count as they were before.
+    """
+    chosen_device = pick_device(device)
+    threads = fit_threads(n_threads)
+    saved_threads = torch.get_num_threads()
+    saved_flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                   torch.utils.deterministic.fill_uninitialized_memory)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())), kernels.use(cpu_kernels) as kernels_run:
+            torch.set_num_threads(threads)
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            # deterministic mode would also NaN-fill every new tensor (a debugging aid): 3.5x slower TFT steps on CPU
+            torch.utils.deterministic.fill_uninitialized_memory = False
+            _log_params(n_threads_used=threads, cpu_kernels_used="on" if kernels_run else "off")
+            yield FitSession(chosen_device, threads, kernels_run)
+    finally:
+        torch.set_num_threads(saved_threads)
+        torch.use_deterministic_algorithms(saved_flags[0], warn_only=saved_flags[1])
+        torch.utils.deterministic.fill_uninitialized_memory = saved_flags[2]
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -56,7 +101,13 @@ def native_bf16(device: torch.device) -> bool:
     """Is ``device`` a CPU with AMX tiles, which multiply bfloat16 matrices in hardware? There bf16 autocast made
     the LSTM's training step 1.4x faster (BENCHMARKS.md); a CPU without them would emulate bf16, slower. GPUs
     answer no: bf16 was never measured on one here (``precision: bfloat16`` asks for it explicitly)."""
-    return device.type == "cpu" and torch.cpu._is_amx_tile_supported()
+    if device.type != "cpu":
+        return False
+    is_supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # a private API: absent in some versions
+    try:
+        return bool(is_supported()) if is_supported is not None else False
+    except RuntimeError:
+        return False
 
 
 def adam(module: torch.nn.Module, lr: float) -> torch.optim.Adam:
@@ -131,6 +182,113 @@ class CpuPickledModel:
         module.load_state_dict(weights)
         device = torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.module = module.to(device).eval()
+
+
+def segment_labels(dataset: DatasetH, segment: str) -> pd.DataFrame:
+    """The learnt label (DK_L) of ``segment``'s rows whose every label column is finite; an error where none is."""
+    label = dataset.prepare(segment, col_set="label", data_key=DataHandlerLP.DK_L)
+    label = label[np.isfinite(label.to_numpy()).all(axis=1)]
+    if label.empty:
+        raise ValueError(f"segment {segment!r} has no labelled rows")
+    return label
+
+
+class LabelledRows:
+    """One segment's labelled rows, ready for batching: their ``index``, the ``label`` tensor (the shape of
+    ``label``'s values: (rows,) for a Series, (rows, columns) for a frame) and integer ``days`` codes."""
+
+    def __init__(self, label: pd.Series | pd.DataFrame, device: torch.device, segment: str):
+        self.index = label.index
+        self.label = torch.tensor(label.to_numpy(dtype="float32"), device=device)
+        codes, _ = pd.factorize(label.index.get_level_values("datetime"), sort=True)
+        self.days = torch.as_tensor(codes, device=device)
+        get_module_logger("fit").info(f"{segment}: {len(label)} rows, {codes.max() + 1} days")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batches(self, batch_size: int, by_day: bool = False) -> list[np.ndarray]:
+        """A fresh random split of the rows into batches (NumPy's global RNG, which checkpoints restore).
+
+        ``by_day``: batches are whole days (about ``batch_size`` rows each), for losses computed per day.
+        """
+        if not by_day:
+            order = np.random.permutation(len(self))
+            return np.array_split(order, max(1, int(np.ceil(len(order) / batch_size))))
+        days = self.days.cpu().numpy()
+        day_rank = np.random.permutation(days.max() + 1)[days]
+        order = np.argsort(day_rank, kind="stable")
+        per_day = np.bincount(day_rank)
+        ends = np.cumsum(per_day)
+        batch_of_day = (ends - 1) // batch_size
+        cuts = ends[np.r_[batch_of_day[1:] != batch_of_day[:-1], False]]
+        return np.split(order, cuts)
+
+
+class SequenceModel(CpuPickledModel, Model):
+    """The Qlib model side the LSTM and the TFT share: their training kwargs, the fit set-up and the training loop.
+
+    A subclass's ``__init__`` takes its own kwargs and those whose defaults are its own (``lr``, ``batch_size``,
+    ``n_epochs``, ``metric``, ``chunk_rows``) and passes them, with the rest (``**loop_options``), to this one; its
+    ``fit`` runs inside `_fit_session`, builds ``module`` and calls `_train`; its ``predict`` runs inside
+    `_predict_session`.
+
+    ``early_stop``: epochs without a better valid ``metric`` before stopping; ``grad_clip``: the largest gradient
+    norm (None: no clipping); ``seed``: one seed, one model (on one device kind); ``device``: "auto" (CUDA when
+    there is one), "cpu" or "cuda"; ``checkpoint_dir``: where the per-epoch checkpoint goes (None: a temporary
+    folder, removed after fit), ``resume=True`` continues from the checkpoint there; ``n_threads``: torch's CPU
+    threads for the fit ("auto": `vn30_qlib.cpu.fit_threads`, a share of the cores when other processes keep them
+    busy; 0 = every core; or a count); ``cpu_kernels``: "auto", "on" or "off" (`vn30_qlib.models.cpu_kernels`;
+    ``VN30_CPU_KERNELS=0/1`` beats it): speed only, the same model either way.
+    """
+
+    checkpoint_name = "model.pt"
+
+    def __init__(self, *, lr: float, batch_size: int, n_epochs: int, metric: str, chunk_rows: int | None,
+                 early_stop: int = 10, grad_clip: float | None = 3.0, seed: int = 0, device: str = "auto",
+                 checkpoint_dir: str | None = None, resume: bool = False, n_threads: int | str = THREADS_AUTO,
+                 cpu_kernels: str = "auto") -> None:
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs a checkpoint_dir to resume from")
+        if cpu_kernels not in kernels.SETTINGS:
+            raise ValueError(f"cpu_kernels must be one of {kernels.SETTINGS}, got {cpu_kernels!r}")
+        if n_threads != THREADS_AUTO:
+            fit_threads(n_threads)  # a bad count fails now, not after the data has loaded
+        self.lr, self.batch_size, self.n_epochs, self.early_stop = lr, batch_size, n_epochs, early_stop
+        self.metric, self.grad_clip, self.seed, self.device = metric, grad_clip, seed, device
+        self.checkpoint_dir, self.resume = checkpoint_dir, resume
+        self.n_threads, self.chunk_rows, self.cpu_kernels = n_threads, chunk_rows, cpu_kernels
+        self.module: torch.nn.Module | None = None
+        self.history: list[dict] = []
+        self.epoch_callback = None  # set by `vn30-qlib tune` to prune by epoch; not a YAML key, never pickled
+
+    def _fit_session(self):
+        return fit_session(self.seed, self.device, self.n_threads, self.cpu_kernels)
+
+    def _predict_session(self):
+        return kernels.use(self.cpu_kernels)
+
+    def _train(self, train: LabelledRows, valid: LabelledRows, batch_input: Callable[[np.ndarray], Any],
+               predict_valid: Callable[[], torch.Tensor], loss_fn: LossFn, by_day: bool = False,
+               point: Callable[[torch.Tensor], torch.Tensor] = lambda output: output.reshape(-1),
+               point_label: Callable[[torch.Tensor], torch.Tensor] = lambda label: label.reshape(-1),
+               **loop_options) -> None:
+        """Fit ``module`` with `fit_epochs` on batches of ``train`` (``batch_input(rows)``: the module's input for
+        those rows) and set ``history``; ``loop_options``: further `LoopConfig` fields. The checkpoint goes to
+        ``checkpoint_dir`` (None: a temporary folder, removed after)."""
+        optimizer = adam(self.module, self.lr)
+
+        def train_batches():
+            for rows in train.batches(self.batch_size, by_day):
+                yield batch_input(rows), train.label[rows], train.days[rows]
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(self.checkpoint_dir).expanduser() if self.checkpoint_dir is not None else Path(tmp)
+            config = LoopConfig(n_epochs=self.n_epochs, early_stop=self.early_stop, metric=self.metric,
+                                grad_clip=self.grad_clip, checkpoint_path=folder / self.checkpoint_name,
+                                resume=self.resume, on_epoch=self.epoch_callback, **loop_options)
+            self.history = fit_epochs(self.module, optimizer, train_batches, predict_valid, valid.label, valid.days,
+                                      loss_fn, config, point, point_label)
 
 
 @dataclass
@@ -306,14 +464,23 @@ def metric_prefix(prefix: str):
         _METRIC_PREFIX.reset(token)
 
 
-def _log_metrics(epoch: int, row: dict) -> None:
-    """Log to the recorder of a running Qlib experiment (qrun); a model fitted outside one logs nowhere."""
+def _recording() -> bool:
+    """Is a Qlib experiment's recorder running (qrun)? A model fitted outside one logs nowhere."""
     exp_manager = getattr(R, "exp_manager", None)  # AttributeError (-> None) before qlib.init
     experiment = exp_manager.active_experiment if exp_manager is not None else None
-    if experiment is None or experiment.active_recorder is None:
-        return
-    prefix = _METRIC_PREFIX.get()
-    R.log_metrics(step=epoch, **{prefix + key: value for key, value in row.items() if key != "epoch"})
+    return experiment is not None and experiment.active_recorder is not None
+
+
+def _log_metrics(epoch: int, row: dict) -> None:
+    if _recording():
+        prefix = _METRIC_PREFIX.get()
+        R.log_metrics(step=epoch, **{prefix + key: value for key, value in row.items() if key != "epoch"})
+
+
+def _log_params(**params) -> None:
+    if _recording():
+        prefix = _METRIC_PREFIX.get()
+        R.log_params(**{prefix + key: value for key, value in params.items()})
 
 
 def _save_checkpoint(path: Path, module, optimizer, state: dict) -> None:

@@ -1,0 +1,249 @@
+"""Temporal Fusion Transformer (Lim et al. 2021) for VN30 quantile return forecasts, as a Qlib ``Model``.
+
+Inputs per (day t, instrument):
+- static: instrument identity and sector (embedding indices, `tft_inputs.static_codes`);
+- past, days t-L+1..t: the handler's features (processed on day t's information only) and the calendar facts
+  of those days;
+- known future, days t+1..t+H: calendar facts only (`tft_inputs.CALENDAR_FEATURES`; anything else is rejected).
+
+Outputs: for each horizon h = 1..H (the return from close t+h to close t+h+1, the handler's LABEL{h-1}) the
+``quantiles`` of that label as the handler's learn processors leave it (VN30TFT: the return z-scored across the
+day's names), trained with the pinball loss. The score given to Qlib (``predict``) is the median of horizon 1:
+the forecast of the handler's LABEL0, the return traded by the backtest.
+
+The package: `sub_modules` (the paper's building blocks, each in its textbook form, with the faster forms behind
+them), `network` (the assembled network), `model` (this Qlib ``Model``: fit, predict), `diagnostics` (quantile
+coverage, selection and attention weights, plots). Every step is batched: variables go through one grouped linear
+map (no loop over variables), only the LSTM steps through time, and attention computes queries for the H decoder
+positions only.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from qlib.data import D
+from qlib.data.dataset import DatasetH
+from qlib.data.dataset.handler import DataHandlerLP
+from qlib.log import get_module_logger
+
+from vn30_qlib.models.kwargs_check import checked_kwargs
+from vn30_qlib.models.tft import diagnostics
+from vn30_qlib.models.tft.network import TemporalFusionNetwork, TFTBatch, TFTWeights
+from vn30_qlib.models.tft.sub_modules import quantile_loss
+from vn30_qlib.models.tft_inputs import (
+    CALENDAR_FEATURES, calendar_features, extended_calendar, static_codes, validate_known_future,
+)
+from vn30_qlib.models.training import LabelledRows, SequenceModel, segment_labels
+from vn30_qlib.models.windows import SequenceWindows
+
+
+class _Panel:
+    """Batches for any (day, instrument) row of a handler's panel: windows of past features joined with the
+    calendar facts of those days, the calendar facts of the next H days, and static codes."""
+
+    def __init__(self, features: pd.DataFrame, calendar: pd.DataFrame, horizons: int, step_len: int):
+        days = features.index.get_level_values("datetime")
+        past_calendar = calendar.reindex(days).to_numpy()
+        if np.isnan(past_calendar).any():
+            raise ValueError("the handler has days that are not in the provider's calendar")
+        panel = pd.DataFrame(np.hstack([features.to_numpy("float32"), past_calendar]), index=features.index,
+                             columns=list(features.columns) + list(calendar.columns))
+        self.windows = SequenceWindows(panel, step_len)
+        self.calendar_index, self.calendar = calendar.index, calendar.to_numpy("float32")
+        self.horizons = horizons
+
+    def rows(self, index: pd.MultiIndex) -> "PanelRows":
+        day = self.calendar_index.get_indexer(index.get_level_values("datetime"))
+        future_days = day[:, None] + np.arange(1, self.horizons + 1)[None, :]
+        if (day < 0).any() or future_days.max(initial=0) >= len(self.calendar_index):
+            raise ValueError("rows outside the (extended) calendar")
+        return PanelRows(index, self.windows.positions(index), future_days,
+                         static_codes(index.get_level_values("instrument")))
+
+    def batch(self, rows: "PanelRows", take: np.ndarray | slice, device: torch.device) -> TFTBatch:
+        return TFTBatch(
+            torch.from_numpy(rows.static[take]).to(device),
+            torch.from_numpy(self.windows.gather(rows.positions[take])).to(device),
+            torch.from_numpy(self.calendar[rows.future_days[take]]).to(device),
+        )
+
+
+class PanelRows(NamedTuple):
+    """Where the inputs of each row of ``index`` lie in a `_Panel`: window positions, future days, static codes."""
+
+    index: pd.MultiIndex
+    positions: np.ndarray
+    future_days: np.ndarray
+    static: np.ndarray
+
+
+@checked_kwargs
+class TFT(SequenceModel):
+    """Temporal Fusion Transformer quantile forecasts of the next ``horizons`` daily returns (see module doc).
+
+    ``predict`` returns the median forecast of horizon 1 (the handler's LABEL0), the score Qlib's records and
+    backtest use; ``predict_quantiles`` returns every quantile of every horizon. ``known_future``: the calendar
+    facts fed for days t+1..t+H (validated: only `CALENDAR_FEATURES`). The label is the handler's learnt one
+    (DK_L; a raw return if its learn processors only drop NaN), scaled for training by its train-segment sd per
+    horizon; calendar inputs are standardised with train-segment statistics.
+    ``metric``, ``average_best`` and ``loop_options`` (``early_stop``, ``grad_clip``, ``seed``, ``device``,
+    ``checkpoint_dir``, ``resume``, ``n_threads``, ``cpu_kernels``: see `SequenceModel`) go to the shared loop
+    (`vn30_qlib.models.training`); ``average_best``: the fitted weights are the mean of those of the
+    ``average_best`` best epochs by the valid metric; on the real split, 5 gave a higher and steadier test Rank IC
+    over seeds than the single best epoch (BENCHMARKS.md). The TFT runs many small kernels, so on a CPU shared with
+    other jobs 1 thread can be several times faster than 2 (``n_threads: auto`` then takes a share of the cores).
+    ``chunk_rows``: on a CPU, each batch's forward and backward run this many rows at a time, the same gradient
+    from activations that stay in cache (256: a step 1.2x faster than whole batches of 1,024).
+    """
+
+    checkpoint_name = "tft.pt"
+
+    def __init__(
+        self,
+        hidden_size: int = 64,
+        variable_hidden_size: int = 8,
+        attention_hidden_size: int = 32,
+        num_heads: int = 4,
+        dropout: float = 0.1,
+        lr: float = 0.001,
+        batch_size: int = 1024,
+        n_epochs: int = 50,
+        quantiles: Sequence[float] = (0.1, 0.5, 0.9),
+        horizons: int = 1,
+        step_len: int = 20,
+        known_future: Sequence[str] = CALENDAR_FEATURES,
+        metric: str = "ic",
+        average_best: int = 5,
+        chunk_rows: int | None = 256,
+        **loop_options,
+    ):
+        quantiles = [float(q) for q in quantiles]
+        if 0.5 not in quantiles or sorted(quantiles) != quantiles or not all(0 < q < 1 for q in quantiles):
+            raise ValueError(f"quantiles must be increasing, inside (0, 1) and include 0.5, got {quantiles}")
+        if horizons < 1:
+            raise ValueError(f"horizons must be >= 1, got {horizons}")
+        super().__init__(lr=lr, batch_size=batch_size, n_epochs=n_epochs, metric=metric, chunk_rows=chunk_rows,
+                         **loop_options)
+        self.hidden_size, self.variable_hidden_size = hidden_size, variable_hidden_size
+        self.attention_hidden_size, self.num_heads, self.dropout = attention_hidden_size, num_heads, dropout
+        self.quantiles, self.average_best = quantiles, average_best
+        self.horizons, self.step_len, self.known_future = horizons, step_len, validate_known_future(known_future)
+        self.past_names: list[str] = []
+        self.calendar_mean: pd.Series | None = None
+        self.calendar_std: pd.Series | None = None
+        self.label_scale: np.ndarray | None = None
+        self.importance: dict[str, pd.Series] = {}
+
+    # ------------------------------------------------------------------ fit / predict
+    def fit(self, dataset: DatasetH, **kwargs) -> None:
+        with self._fit_session() as session:
+            device = session.device
+            train_label = self._labels(dataset, "train")
+            train_days = train_label.index.get_level_values("datetime")
+            calendar = self._raw_calendar()
+            in_train = calendar.loc[train_days.min():train_days.max()]
+            self.calendar_mean, self.calendar_std = in_train.mean(), in_train.std().replace(0.0, 1.0)
+            self.label_scale = train_label.std().to_numpy("float32")
+            panel = self._panel(dataset)
+            self.past_names = list(panel.windows.columns)
+            train = LabelledRows(train_label / self.label_scale, device, "train")
+            valid = LabelledRows(self._labels(dataset, "valid") / self.label_scale, device, "valid")
+            train_inputs, valid_inputs = panel.rows(train.index), panel.rows(valid.index)
+            self.module = self._build_module().to(device)
+            quantiles = torch.tensor(self.quantiles, device=device)
+            median = self.quantiles.index(0.5)
+            self._train(train, valid, lambda rows: panel.batch(train_inputs, rows, device),
+                        lambda: self._forward(panel, valid_inputs, device)[0],
+                        lambda output, label, days: quantile_loss(output, label, quantiles),
+                        point=lambda output: output[:, 0, median], point_label=lambda label: label[:, 0],
+                        average_best=self.average_best, chunk_rows=self.chunk_rows,
+                        shared_inputs=self.module.encode_static)
+            self.importance = self._weights_summary(self._forward(panel, valid_inputs, device)[1], len(valid))
+
+    def predict(self, dataset: DatasetH, segment: str | slice = "test") -> pd.Series:
+        """The median forecast of horizon 1 (the return from close t+1 to close t+2), in the learnt label's units."""
+        quantiles = self.predict_quantiles(dataset, segment)
+        return quantiles[f"h1_q{0.5:g}"].rename("score")
+
+    def predict_quantiles(self, dataset: DatasetH, segment: str | slice = "test") -> pd.DataFrame:
+        """Every quantile of every horizon, columns ``h{h}_q{q}``, in the learnt label's units."""
+        panel, rows, device = self._rows_to_predict(dataset, segment)
+        with self._predict_session():
+            return self._quantile_frame(self._forward(panel, rows, device)[0], rows.index)
+
+    def _quantile_frame(self, output: torch.Tensor, index: pd.MultiIndex) -> pd.DataFrame:
+        values = output.cpu().numpy() * self.label_scale[None, :, None]
+        columns = [f"h{h}_q{q:g}" for h in range(1, self.horizons + 1) for q in self.quantiles]
+        return pd.DataFrame(values.reshape(len(index), -1).astype("float64"), index=index, columns=columns)
+
+    def get_feature_importance(self, importance_type: str = "vsn") -> pd.Series:
+        """Mean past-input variable-selection weight per feature (valid segment, after fit); sums to 1.
+
+        ``importance_type`` is accepted for the shared FeatureImportanceRecord and ignored: the TFT has one kind.
+        """
+        if not self.importance:
+            raise ValueError("the model is not fitted yet")
+        return self.importance["past"].sort_values(ascending=False)
+
+    def record_diagnostics(self, dataset: DatasetH, recorder) -> dict:
+        """Test-segment quantiles, 10-90 % coverage and crossing rate, variable-selection and attention weights,
+        logged to ``recorder`` (`diagnostics.record`); returns the metrics."""
+        panel, rows, device = self._rows_to_predict(dataset, "test")
+        with self._predict_session():
+            output, weights = self._forward(panel, rows, device)
+        label = dataset.prepare("test", col_set="label", data_key=DataHandlerLP.DK_L)
+        metrics = diagnostics.record(recorder, self._quantile_frame(output, rows.index), label, self.quantiles,
+                                     self.horizons, self._weights_summary(weights, len(rows.index)))
+        get_module_logger("TFT").info(f"test diagnostics: {metrics}")
+        return metrics
+
+    # ------------------------------------------------------------------ helpers
+    def _build_module(self) -> TemporalFusionNetwork:
+        return TemporalFusionNetwork(
+            len(self.past_names), len(self.known_future), self.horizons, len(self.quantiles), self.hidden_size,
+            self.variable_hidden_size, self.attention_hidden_size, self.num_heads, self.dropout,
+        )
+
+    def _raw_calendar(self) -> pd.DataFrame:
+        return calendar_features(extended_calendar(D.calendar(freq="day")), self.known_future)
+
+    def _panel(self, dataset: DatasetH) -> _Panel:
+        calendar = (self._raw_calendar() - self.calendar_mean) / self.calendar_std
+        features = dataset.handler.fetch(col_set="feature", data_key=DataHandlerLP.DK_I)
+        return _Panel(features, calendar.astype("float32"), self.horizons, self.step_len)
+
+    def _labels(self, dataset: DatasetH, segment: str) -> pd.DataFrame:
+        label = segment_labels(dataset, segment)
+        if label.shape[1] != self.horizons:
+            raise ValueError(f"horizons={self.horizons} but the handler gives {label.shape[1]} label columns")
+        return label
+
+    def _rows_to_predict(self, dataset: DatasetH, segment: str | slice):
+        if self.module is None:
+            raise ValueError("the model is not fitted yet")
+        panel = self._panel(dataset)
+        if list(panel.windows.columns) != self.past_names:
+            raise ValueError("the handler's features differ from those the model was fitted on")
+        index = dataset.prepare(segment, col_set="feature", data_key=DataHandlerLP.DK_I).index
+        return panel, panel.rows(index), next(self.module.parameters()).device
+
+    def _forward(self, panel: _Panel, rows: PanelRows, device: torch.device) -> tuple[torch.Tensor, list[TFTWeights]]:
+        """Forecasts (rows, H, Q) in label-sd units for all ``rows``, a training batch at a time; weights per
+        chunk. (In 8,192-row chunks each (rows, steps, variables, width) activation is ~200 MB: the pooled
+        VN30 fit then peaked at 2.1 GiB instead of 1.5.)"""
+        chunk = self.batch_size
+        self.module.eval()
+        outputs, weights = [], []
+        with torch.no_grad():
+            for start in range(0, len(rows.index), chunk):
+                output, weight = self.module.interpret(panel.batch(rows, slice(start, start + chunk), device))
+                outputs.append(output)
+                weights.append(weight)
+        return torch.cat(outputs), weights
+
+    def _weights_summary(self, weights: list[TFTWeights], n: int) -> dict[str, pd.Series | pd.DataFrame]:
+        return diagnostics.weights_summary(weights, n, self.past_names, self.known_future, self.step_len,
+                                           self.horizons)
