@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -16,7 +17,7 @@ import yaml
 from conftest import write_workflow
 from vn30_qlib import store
 from vn30_qlib.loop import adapt_task, run_loop
-from vn30_qlib.report import build_report, tuned_vs_default
+from vn30_qlib.report import BEATS_T, build_report, paired_comparisons, tuned_vs_default, verdict
 from vn30_qlib.workflow_config import load_workflow
 
 pytestmark = pytest.mark.slow
@@ -44,7 +45,9 @@ def test_per_symbol_mode_swaps_cross_sectional_label_norm(small_workflow, sim_pr
     handler = adapted["dataset"]["kwargs"]["handler"]["kwargs"]
     assert handler["instruments"] == ["ACB"]
     assert [p["class"] for p in handler["learn_processors"]] == ["DropnaLabel", "ZScoreNorm"]
-    assert adapt_task(task, "pooled", None) == task
+    pooled = adapt_task(task, "pooled", None)
+    assert pooled["model"] == {key: value for key, value in task["model"].items() if key != "per_symbol_kwargs"}
+    assert {**pooled, "model": task["model"]} == task
     # the TFT's handler inherits VN30Alpha158's per-day label z-score through **kwargs: swapped alike
     tft = load_workflow(Path(__file__).parents[1] / "workflows" / "tft_vn30.yaml")["task"]
     tft_handler = adapt_task(tft, "per_symbol", "ACB")["dataset"]["kwargs"]["handler"]["kwargs"]
@@ -172,3 +175,104 @@ def test_sigkill_mid_loop_leaves_every_version_loadable(small_workflow, sim_prov
                        modes=["per_symbol"], jobs=2, progress=False)
     assert {r["status"] for r in resumed} <= {"done", "skipped"}
     assert all(store.latest(store_root / "symbols" / s / "lgb") for s in ["ACB", "FPT", "VNM"])
+
+
+def test_seeds_fit_every_entry_per_seed_and_the_report_shows_their_spread(small_workflow, sim_provider, tmp_path):
+    """``run_loop(seeds=...)``: one store entry per (model, mode, symbol, seed), the seed in the model's kwargs;
+    the report gives mean ± sd over seeds and a verdict per pair that never says "beats" when |t| < 2."""
+    store_root = tmp_path / "models"
+    results = run_loop([small_workflow], sim_provider(0.1), store_root, symbols=SYMBOLS, jobs=1, progress=False,
+                       seeds=[0, 1])
+    assert [r["status"] for r in results] == ["done"] * 6
+    for seed in (0, 1):
+        for entry in [store_root / "pooled" / f"lgb.seed{seed}"] + [store_root / "symbols" / s / f"lgb.seed{seed}"
+                                                                  for s in SYMBOLS]:
+            version = store.latest(entry)
+            assert store.read_metadata(version)["seed"] == seed and store.read_task(version)["model"]["kwargs"]["seed"] == seed
+    scores = [store.read_predictions(v, store.read_metadata(v))["score"]
+              for v in (store.latest(store_root / "pooled" / f"lgb.seed{seed}") for seed in (0, 1))]
+    assert not scores[0].equals(scores[1]), "the seed changes the fit (LightGBM's feature sampling)"
+    again = run_loop([small_workflow], sim_provider(0.1), store_root, symbols=SYMBOLS, jobs=1, progress=False,
+                     seeds=[0, 1])
+    assert {r["status"] for r in again} == {"skipped"}
+    files = build_report(store_root, tmp_path / "report")
+    markdown = files["report.md"].read_text()
+    assert "## Seeds: daily cross-sectional metrics, mean ± sd over seeds" in markdown
+    seeds = json.loads(files["metrics.json"].read_text())["seeds"]
+    assert {(row["model"], row["mode"], row["seeds"]) for row in seeds} == {("lgb", "pooled", 2), ("lgb", "per_symbol", 2)}
+    pooled = next(row for row in seeds if row["mode"] == "pooled")
+    assert pooled["cs_rank_ic_sd"] > 0 and pooled["rank_ic_se"] > 0
+    assert f"| lgb | pooled | 2 | {pooled['cs_ic_mean']:.4f} ± {pooled['cs_ic_sd']:.4f} |" in markdown
+    for pair in json.loads(files["metrics.json"].read_text())["paired_rank_ic"]:
+        assert ("beats" in pair["verdict"]) == (abs(pair["t"]) >= BEATS_T)
+        assert pair["verdict"] in markdown
+
+
+def test_the_report_says_level_unless_the_paired_t_stat_is_at_least_two():
+    assert verdict("tft pooled", "lgb pooled", 1.99) == "tft pooled and lgb pooled are level"
+    assert verdict("tft pooled", "lgb pooled", -1.99) == "tft pooled and lgb pooled are level"
+    assert verdict("tft pooled", "lgb pooled", None) == "tft pooled and lgb pooled are level"
+    assert verdict("tft pooled", "lgb pooled", 2.0) == "tft pooled beats lgb pooled"
+    assert verdict("tft pooled", "lgb pooled", -2.5) == "lgb pooled beats tft pooled"
+    days = pd.bdate_range("2023-01-02", periods=200)
+    noise = pd.Series(np.random.default_rng(0).normal(scale=0.1, size=200), index=days)
+    daily = {"a pooled": 0.05 + noise, "b pooled": 0.05 + noise.sample(frac=1, random_state=1).set_axis(days) + 0.004,
+             "c pooled": 0.05 + noise + 0.02}
+    pairs = paired_comparisons(daily).set_index(["first", "second"])
+    close = pairs.loc[("a pooled", "b pooled")]
+    assert abs(close["t"]) < BEATS_T and close["verdict"] == "a pooled and b pooled are level"
+    assert pairs.loc[("a pooled", "c pooled"), "verdict"] == "c pooled beats a pooled"  # a constant 0.02 apart
+
+
+def test_seeds_reach_models_and_ensembles_and_per_symbol_kwargs_apply_per_symbol_only(small_workflow, sim_provider):
+    workflows = Path(__file__).parents[1] / "workflows"
+    task = load_workflow(small_workflow, {"VN30_PROVIDER": str(sim_provider(0.1))})["task"]
+    assert adapt_task(task, "pooled", None, seed=3)["model"]["kwargs"]["seed"] == 3
+    assert "seed" not in adapt_task(task, "pooled", None)["model"]["kwargs"]
+    ensemble = load_workflow(workflows / "tft_ensemble_vn30.yaml")["task"]
+    assert ensemble["model"]["kwargs"]["seeds"] == [0, 1, 2]
+    assert adapt_task(ensemble, "pooled", None, seed=0)["model"]["kwargs"]["seeds"] == [0, 1, 2]
+    assert adapt_task(ensemble, "pooled", None, seed=2)["model"]["kwargs"]["seeds"] == [6, 7, 8]
+    # per-symbol mode reaches the TFT nested in the ensemble: its daily-IC stopping needs cross-sections
+    member = ensemble["model"]["kwargs"]["model"]["kwargs"]
+    assert member["metric"] == "ic"
+    adapted = adapt_task(ensemble, "per_symbol", "ACB")["model"]["kwargs"]["model"]["kwargs"]
+    assert adapted["metric"] == "loss" and member["metric"] == "ic", "the workflow's own task is not changed"
+    lgb = load_workflow(workflows / "lgb_vn30.yaml")["task"]
+    per_symbol = lgb["model"]["per_symbol_kwargs"]
+    assert adapt_task(lgb, "per_symbol", "ACB")["model"]["kwargs"] == {**lgb["model"]["kwargs"], **per_symbol}
+    pooled = adapt_task(lgb, "pooled", None)["model"]
+    assert pooled["kwargs"] == lgb["model"]["kwargs"] and "per_symbol_kwargs" not in pooled
+    with pytest.raises(ValueError, match="seeds must be distinct integers"):
+        run_loop([small_workflow], sim_provider(0.1), "unused", seeds=[1, 1])
+
+
+def test_per_symbol_lightgbm_learns_on_every_simulated_symbol(sim_provider, tmp_path):
+    """The shipped lgb_vn30.yaml in per-symbol mode (its ``per_symbol_kwargs``): no symbol's predictions are
+    constant (with the pooled L1/L2 every one was)."""
+    workflow = write_workflow(tmp_path / "wf", "lgb_vn30.yaml", {"num_threads: 0 ": "num_threads: 1 "})
+    symbols = ["ACB", "FPT", "HPG", "VNM"]
+    results = run_loop([workflow], sim_provider(0.1), tmp_path / "models", symbols=symbols, modes=["per_symbol"],
+                       progress=False)
+    assert [r["status"] for r in results] == ["done"] * len(symbols)
+    metrics = [store.read_metadata(store.latest(tmp_path / "models" / "symbols" / s / "lgb"))["metrics"]["per_symbol"][s]
+               for s in symbols]
+    assert [m["degenerate"] for m in metrics] == [False] * len(symbols)
+    assert all(m["rank_ic"] is not None for m in metrics)
+
+
+def test_per_symbol_seed_ensemble_of_tfts_fits(sim_provider, tmp_path):
+    """tft_ensemble_vn30.yaml in per-symbol mode: the nested TFT's ``metric: ic`` (a daily IC, undefined on one
+    name a day) becomes the valid loss, and a tiny ensemble (1 epoch, hidden 8, 2 seeds) fits and predicts."""
+    workflow = write_workflow(tmp_path / "wf", "tft_ensemble_vn30.yaml", {
+        "seeds: {{ TFT_SEEDS | default([0, 1, 2], true) }}": "seeds: [0, 1]",
+        "hidden_size: {{ TFT_HIDDEN | default(64, true) }}": "hidden_size: 8",
+        "n_epochs: {{ TFT_EPOCHS | default(50, true) }}": "n_epochs: 1",
+        'n_threads: {{ TFT_THREADS | default("auto", true) }}': "n_threads: 1"})
+    results = run_loop([workflow], sim_provider(0.1), tmp_path / "models", symbols=["ACB"], modes=["per_symbol"],
+                       progress=False)
+    assert results[0]["status"] == "done", results[0].get("error")
+    version = store.latest(tmp_path / "models" / "symbols" / "ACB" / "tft_ensemble")
+    assert store.read_task(version)["model"]["kwargs"]["model"]["kwargs"]["metric"] == "loss"
+    stored = store.read_predictions(version, store.read_metadata(version))
+    assert len(stored) > 300 and stored["score"].notna().all()

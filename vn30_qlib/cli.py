@@ -42,6 +42,7 @@ def _loop(args: argparse.Namespace) -> int:
 
     results = run_loop(args.workflows, args.provider, args.store, symbols=args.symbols, modes=args.modes,
                        jobs=args.jobs, force=args.force, executor=args.executor, ray_address=args.ray_address,
+                       seeds=args.seeds,
                        tracking_uri=args.tracking_uri)
     counts = {status: sum(r["status"] == status for r in results) for status in ("done", "skipped", "failed")}
     print(f"loop finished: {counts['done']} fitted, {counts['skipped']} already done, {counts['failed']} failed")
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: per_symbol pooled)")
     p.add_argument("--jobs", type=_positive_int, default=1, help="fits run at once, each in its own worker process "
                                                                  "(default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", help="fit every entry once per seed, e.g. --seeds 0 1 2 3 4 "
+                                                         "(default: the workflow's own seed)")
     p.add_argument("--force", action="store_true", help="retrain entries already stored with this config and data")
     _executor_arguments(p)
     p.add_argument("--tracking-uri", help="mlflow store of the recorder runs (default: sqlite:///{store}/mlruns.db; "

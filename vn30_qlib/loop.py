@@ -3,8 +3,12 @@
 It reads the same ``qrun`` workflow YAMLs (no second configuration system). Per-symbol mode restricts the
 handler to one instrument and replaces what is cross-sectional, meaningless on one instrument: the per-day
 label z-score by Qlib's time-series ``ZScoreNorm`` fitted on the train segment, and a model's daily-IC early
-stopping (``metric: ic``) or loss (``loss: ic``) by the valid loss and MSE. Pooled mode fits the workflow
-as is and evaluates it per symbol. Each fit is one Qlib recorder run (experiment ``vn30_loop``) tagged with
+stopping (``metric: ic``) or loss (``loss: ic``) by the valid loss and MSE, in the model's kwargs and in any
+model config nested in them (a `SeedEnsemble`'s members), and merges the model's ``per_symbol_kwargs`` (the
+parameters suited to one symbol's ~1.5k rows) into its kwargs. Pooled mode fits the workflow as is (without
+``per_symbol_kwargs``) and evaluates it per symbol. With seeds, each (model, mode, symbol) is fitted once per
+seed: the model's ``seed`` kwarg (an ensemble's ``seeds``: the seed-th block of as many members) and its own
+store entry ``{model}.seed{seed}``. Each fit is one Qlib recorder run (experiment ``vn30_loop``) tagged with
 symbol, model, mode and config hash, and one version in the model store (`vn30_qlib.store`).
 """
 from __future__ import annotations
@@ -48,13 +52,19 @@ class LoopEntry:
     workflow: str
     mode: str
     symbol: str | None
+    seed: int | None = None     # None: the workflow's own seed
 
     @property
     def model(self) -> str:
         return Path(self.workflow).stem.removesuffix("_vn30")
 
+    @property
+    def stored_as(self) -> str:
+        """The model's name in the store: one entry per seed."""
+        return self.model if self.seed is None else f"{self.model}.seed{self.seed}"
+
     def label(self) -> str:
-        return f"{self.model}/{self.mode}/{self.symbol or 'all'}"
+        return f"{self.stored_as}/{self.mode}/{self.symbol or 'all'}"
 
 
 def init_qlib_for(provider: str | Path, mlflow_uri: str | None = None) -> None:
@@ -104,9 +114,13 @@ def require_inputs(workflows: Sequence[str | Path], provider: str | Path) -> Non
                                 "vn30-qlib data simulate or data ingest, or pass --provider")
 
 
-def adapt_task(task: dict, mode: str, symbol: str | None) -> dict:
-    """The workflow's task for one loop entry (see the module docstring for what per-symbol mode changes)."""
+def adapt_task(task: dict, mode: str, symbol: str | None, seed: int | None = None) -> dict:
+    """The workflow's task for one loop entry (see the module docstring for what per-symbol mode and a seed
+    change)."""
     task = copy.deepcopy(task)
+    per_symbol_kwargs = task["model"].pop("per_symbol_kwargs", None) or {}
+    if seed is not None:
+        _set_seed(task["model"].setdefault("kwargs", {}), seed)
     if mode == "pooled":
         return task
     if mode != "per_symbol":
@@ -118,11 +132,29 @@ def adapt_task(task: dict, mode: str, symbol: str | None) -> dict:
         {"class": "ZScoreNorm", "kwargs": {"fields_group": "label"}}
         if p.get("class") in CROSS_SECTIONAL_LABEL_PROCESSORS else p for p in learn
     ]
-    model = task["model"].setdefault("kwargs", {})
-    for key, (cross_sectional, replacement) in CROSS_SECTIONAL_MODEL_KWARGS.items():
-        if model.get(key) == cross_sectional:
-            model[key] = replacement
+    task["model"].setdefault("kwargs", {}).update(per_symbol_kwargs)
+    _replace_cross_sectional(task["model"])
     return task
+
+
+def _set_seed(kwargs: dict, seed: int) -> None:
+    """``seed`` for a model; for an ensemble of n seeds, seeds n*seed .. n*seed+n-1 (seed 0: 0 .. n-1)."""
+    if isinstance(kwargs.get("seeds"), list):
+        n = len(kwargs["seeds"])
+        kwargs["seeds"] = list(range(n * seed, n * seed + n))
+    else:
+        kwargs["seed"] = seed
+
+
+def _replace_cross_sectional(model: dict) -> None:
+    """Replace the cross-sectional kwargs of ``model`` and of every model config nested in its kwargs."""
+    kwargs = model.setdefault("kwargs", {})
+    for key, (cross_sectional, replacement) in CROSS_SECTIONAL_MODEL_KWARGS.items():
+        if kwargs.get(key) == cross_sectional:
+            kwargs[key] = replacement
+    for value in kwargs.values():
+        if isinstance(value, dict) and "class" in value:
+            _replace_cross_sectional(value)
 
 
 def _default_learn_processors(task: dict) -> list[dict]:
@@ -142,7 +174,7 @@ def config_hash(task: dict) -> str:
 
 
 def _failure_path(store_root: Path, entry: LoopEntry) -> Path:
-    return store_root / "failures" / f"{entry.model}__{entry.mode}__{entry.symbol or 'all'}.json"
+    return store_root / "failures" / f"{entry.stored_as}__{entry.mode}__{entry.symbol or 'all'}.json"
 
 
 def fit_entry(entry: LoopEntry, provider: str, store_root: str, force: bool = False,
@@ -154,10 +186,10 @@ def fit_entry(entry: LoopEntry, provider: str, store_root: str, force: bool = Fa
     started = time.perf_counter()
     try:
         config = load_workflow(entry.workflow, {"VN30_PROVIDER": provider})
-        task = adapt_task(config["task"], entry.mode, entry.symbol)
+        task = adapt_task(config["task"], entry.mode, entry.symbol, entry.seed)
         task_hash = config_hash(task)
         fingerprint = provider_fingerprint(provider)
-        target = store.entry_dir(store_root, entry.model, entry.symbol)
+        target = store.entry_dir(store_root, entry.stored_as, entry.symbol)
         current = None if force else store.latest(target)
         if current and _same_fit(current, task_hash, fingerprint):
             return {**asdict(entry), "status": "skipped", "version": str(current)}
@@ -238,7 +270,8 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
     init_qlib_for(provider, tracking_uri)
     timings = {}
     with R.start(experiment_name=EXPERIMENT, recorder_name=entry.label()):
-        R.set_tags(symbol=entry.symbol or "all", model=entry.model, mode=entry.mode, config_hash=task_hash)
+        R.set_tags(symbol=entry.symbol or "all", model=entry.model, mode=entry.mode, config_hash=task_hash,
+                   seed="workflow" if entry.seed is None else str(entry.seed))
         clock = time.perf_counter()
         dataset = init_instance_by_config(task["dataset"])
         model = init_instance_by_config(task["model"])
@@ -260,7 +293,7 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
         "entry": asdict(entry), "model": entry.model, "mode": entry.mode, "symbol": entry.symbol,
         "provider": fingerprint, "config_hash": task_hash,
         "data_span": {name: [str(d) for d in span] for name, span in segments.items()},
-        "seed": task["model"].get("kwargs", {}).get("seed"),
+        "seed": entry.seed if entry.seed is not None else task["model"].get("kwargs", {}).get("seed"),
         "packages": {name: package_version(name) for name in PACKAGES} | {"python": platform.python_version()},
         "metrics": metrics, "timings": timings, "mlflow_run_id": run_id, "mlflow_tracking_uri": tracking_uri,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -331,8 +364,9 @@ def _sqlite_path(tracking_uri: str) -> Path | None:
 
 
 def plan(workflows: Sequence[str | Path], provider: str | Path, symbols: Iterable[str] | None = None,
-         modes: Sequence[str] = ("per_symbol", "pooled")) -> list[LoopEntry]:
-    """Every entry of a loop: per workflow, one pooled fit and one per symbol (per-symbol mode).
+         modes: Sequence[str] = ("per_symbol", "pooled"), seeds: Sequence[int] | None = None) -> list[LoopEntry]:
+    """Every entry of a loop: per workflow (and per seed of ``seeds``; None: the workflow's own seed), one
+    pooled fit and one per symbol (per-symbol mode).
 
     Pooled fits come first, in the order of ``workflows``: they are the longest, and starting them first keeps
     the other workers busy with the short per-symbol fits instead of leaving one long fit to run alone at the end.
@@ -340,21 +374,28 @@ def plan(workflows: Sequence[str | Path], provider: str | Path, symbols: Iterabl
     """
     symbols = list(symbols) if symbols else read_instruments(provider, "vn30")["symbol"].tolist()
     workflows = [str(Path(workflow).resolve()) for workflow in workflows]
-    entries = [LoopEntry(workflow, "pooled", None) for workflow in workflows if "pooled" in modes]
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"seeds must be distinct integers, at least one, got {list(seeds)!r}")
+    seeds = list(seeds) if seeds is not None else [None]
+    entries = [LoopEntry(workflow, "pooled", None, seed) for seed in seeds for workflow in workflows
+               if "pooled" in modes]
     if "per_symbol" in modes:
-        entries += [LoopEntry(workflow, "per_symbol", symbol) for symbol in symbols for workflow in workflows]
+        entries += [LoopEntry(workflow, "per_symbol", symbol, seed) for seed in seeds for symbol in symbols
+                    for workflow in workflows]
     return entries
 
 
 def run_loop(workflows: Sequence[str | Path], provider: str | Path, store_root: str | Path = "models",
              symbols: Iterable[str] | None = None, modes: Sequence[str] = ("per_symbol", "pooled"),
              jobs: int = 1, force: bool = False, progress: bool = True, executor: str = "local",
-             ray_address: str | None = None, tracking_uri: str | None = None) -> list[dict]:
+             ray_address: str | None = None, tracking_uri: str | None = None,
+             seeds: Sequence[int] | None = None) -> list[dict]:
     """Run (or resume) the loop; returns one result per entry, in plan order.
 
     ``executor``: ``local`` (``jobs`` worker processes) or ``ray`` (one Ray task per entry; see
     `vn30_qlib.executors`). ``tracking_uri``: the mlflow store of the recorder runs, by default
-    ``sqlite:///{store_root}/mlruns.db``.
+    ``sqlite:///{store_root}/mlruns.db``. ``seeds``: every entry fitted once per seed, each stored apart
+    (`LoopEntry.stored_as`), so the report gives the spread over seeds.
     """
     from tqdm import tqdm
 
@@ -363,7 +404,7 @@ def run_loop(workflows: Sequence[str | Path], provider: str | Path, store_root: 
     require_inputs(workflows, provider)
     provider = str(Path(provider).expanduser().resolve())
     store_root = Path(store_root).resolve()
-    entries = plan(workflows, provider, symbols, modes)
+    entries = plan(workflows, provider, symbols, modes, seeds)
     _require_writable(store_root)
     tracking_uri = tracking_uri or sqlite_tracking_uri(store_root)
     create_tracking_store(tracking_uri)

@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import os
+from itertools import combinations
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure
 
 from vn30_qlib import store
 from vn30_qlib.loop import simulation_summary
-from vn30_qlib.metrics import daily_rank_ic
+from vn30_qlib.metrics import cross_sectional_metrics, daily_rank_ic, paired_difference, standard_error
 
 METRIC_COLUMNS = ["ic", "rank_ic", "mse_learnt", "mae_learnt", "days", "degenerate"]
 UNITS_NOTE = ("IC and Rank IC are against the raw return. MSE and MAE (mse_learnt, mae_learnt) are in the units of "
@@ -46,7 +47,7 @@ def collect(store_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[di
             continue
         meta = store.read_metadata(version)
         for symbol, values in meta["metrics"]["per_symbol"].items():
-            rows.append({"symbol": symbol, "model": meta["model"], "mode": meta["mode"],
+            rows.append({"symbol": symbol, "model": meta["model"], "mode": meta["mode"], "seed": str(meta.get("seed")),
                          **{k: values[k] for k in METRIC_COLUMNS}, "version": str(version.relative_to(root)),
                          "fit_s": meta["timings"]["fit_s"], "mlflow_run_id": meta["mlflow_run_id"]})
         if meta["mode"] == "pooled":
@@ -55,6 +56,64 @@ def collect(store_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[di
                            "provider": meta["provider"], "data_span": meta["data_span"]})
     failures = [json.loads(p.read_text()) for p in sorted(root.glob("failures/*.json"))]
     return pd.DataFrame(rows), pd.DataFrame(pooled), failures
+
+
+# |t| of a paired difference below this: the two models are "level", never "A beats B".
+BEATS_T = 2.0
+SEED_METRICS = ("cs_ic", "cs_icir", "cs_rank_ic", "cs_rank_icir", "hit_rate")
+SEEDS_NOTE = ("Daily cross-sectional metrics on the test segment, mean ± sd over the seeds' fits (per_symbol: the "
+              "symbols' separate models ranked against each other each day). rank_ic_se: the standard error of the "
+              "mean daily Rank IC of the seed-averaged daily series. Pairs: the paired difference of two models' "
+              f"seed-averaged daily Rank IC series (mean, t-stat); |t| < {BEATS_T:g} is reported as level.")
+
+
+def seed_summary(metrics: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, dict[str, pd.Series]]:
+    """Per (model, mode): mean and sd over seeds of the daily cross-sectional metrics of each seed's fit (the
+    pooled version's test predictions, or the per-symbol versions' of every symbol together) and the standard
+    error of the mean daily Rank IC; with the seed-averaged daily Rank IC series by ``"{model} {mode}"``."""
+    rows, daily = [], {}
+    for (model, mode), group in metrics.groupby(["model", "mode"], sort=True):
+        per_seed, rank_ic = [], {}
+        for seed, fits in group.groupby("seed"):
+            stored = pd.concat([store.read_predictions(root / v, store.read_metadata(root / v))
+                                for v in fits["version"].unique()])
+            per_seed.append(cross_sectional_metrics(stored["score"], stored["label"]))
+            rank_ic[seed] = daily_rank_ic(stored["score"], stored["label"])
+        mean_daily = pd.concat(rank_ic, axis=1).mean(axis=1)
+        daily[f"{model} {mode}"] = mean_daily
+        row = {"model": model, "mode": mode, "seeds": len(per_seed)}
+        for key in SEED_METRICS:
+            values = pd.Series([fit[key] for fit in per_seed], dtype="float64")
+            row[f"{key}_mean"], row[f"{key}_sd"] = values.mean(), values.std()
+        rows.append({**row, "rank_ic_se": standard_error(mean_daily)})
+    return pd.DataFrame(rows), daily
+
+
+def verdict(first: str, second: str, t: float | None) -> str:
+    """"A beats B" only when the paired t-stat of their daily Rank IC difference is at least `BEATS_T` in size."""
+    if t is None or pd.isna(t) or abs(t) < BEATS_T:
+        return f"{first} and {second} are level"
+    return f"{first} beats {second}" if t > 0 else f"{second} beats {first}"
+
+
+def paired_comparisons(daily: dict[str, pd.Series]) -> pd.DataFrame:
+    """Every pair of models: the paired difference of their daily Rank IC series and the verdict."""
+    rows = []
+    for first, second in combinations(sorted(daily), 2):
+        difference = paired_difference(daily[first], daily[second])
+        rows.append({"first": first, "second": second, "mean_difference": difference["mean"], "t": difference["t"],
+                     "days": difference["days"], "verdict": verdict(first, second, difference["t"])})
+    return pd.DataFrame(rows, columns=["first", "second", "mean_difference", "t", "days", "verdict"])
+
+
+def _plus_minus(seeds: pd.DataFrame) -> pd.DataFrame:
+    """The seed table with each metric as "mean ± sd" (sd blank for one seed)."""
+    shown = seeds[["model", "mode", "seeds"]].copy()
+    for key in SEED_METRICS:
+        shown[key] = [("" if pd.isna(m) else f"{m:.4f}") + ("" if pd.isna(sd) else f" ± {sd:.4f}")
+                      for m, sd in zip(seeds[f"{key}_mean"], seeds[f"{key}_sd"])]
+    shown["rank_ic_se"] = seeds["rank_ic_se"]
+    return shown
 
 
 def tuned_vs_default(comparison: pd.DataFrame, pooled: pd.DataFrame) -> pd.DataFrame:
@@ -158,8 +217,11 @@ def build_report(store_root: str | Path, out_dir: str | Path | None = None) -> d
     cumulative = _cumulative_ic_plot(pooled, root)
     if cumulative:
         images["cumulative_ic.png"] = cumulative
+    seeds, daily = seed_summary(metrics, root)
+    pairs = paired_comparisons(daily)
     export = {"header": header, "per_symbol": metrics.to_dict(orient="records"),
-              "pooled_cross_sectional": pooled.to_dict(orient="records"), "failures": failures}
+              "pooled_cross_sectional": pooled.to_dict(orient="records"), "seeds": seeds.to_dict(orient="records"),
+              "paired_rank_ic": pairs.to_dict(orient="records"), "failures": failures}
     files = {**images, "metrics.csv": metrics.to_csv(index=False).encode(),
              "metrics.json": json.dumps(export, indent=2, default=str).encode()}
 
@@ -173,6 +235,9 @@ def build_report(store_root: str | Path, out_dir: str | Path | None = None) -> d
     tuned = tuned_vs_default(comparison, pooled)
     sections = [
         ("Setup", "\n".join(f"- **{k}**: {v}" for k, v in header.items())),
+        ("Seeds: daily cross-sectional metrics, mean ± sd over seeds (test segment)",
+         _plus_minus(seeds).to_html(index=False, float_format="%.4f") + f"<p>{SEEDS_NOTE}</p>"),
+        ("Paired differences of daily Rank IC", pairs.to_html(index=False, float_format="%.4f") if len(pairs) else "one model"),
         ("Per-symbol vs pooled (mean over symbols, test segment)",
          comparison.to_html(float_format="%.4f") + f"<p>{UNITS_NOTE}</p>"),
         ("Tuned vs seed defaults", tuned.to_html(index=False, float_format="%.4f") if len(tuned) else "no tuned workflow in the store"),
@@ -190,6 +255,9 @@ def build_report(store_root: str | Path, out_dir: str | Path | None = None) -> d
     files["report.html"] = (f"<!doctype html><html><head><meta charset='utf-8'><title>VN30 baselines</title></head>"
                             f"<body><h1>VN30 baseline report</h1>{body}</body></html>\n").encode()
     markdown = ["# VN30 baseline report", "", *[f"- **{k}**: {v}" for k, v in header.items()], "",
+                "## Seeds: daily cross-sectional metrics, mean ± sd over seeds (test segment)", "",
+                _markdown(_plus_minus(seeds)), "", SEEDS_NOTE, "",
+                "## Paired differences of daily Rank IC", "", _markdown(pairs) if len(pairs) else "one model", "",
                 "## Per-symbol vs pooled (mean over symbols, test segment)", "", _markdown(comparison.reset_index()), "",
                 UNITS_NOTE, "",
                 "## Tuned vs seed defaults", "", _markdown(tuned) if len(tuned) else "no tuned workflow in the store", "",
