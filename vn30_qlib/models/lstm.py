@@ -57,6 +57,21 @@ class LSTMNet(torch.nn.Module):
             return self.out(x[-1]).squeeze(-1).float()
 
 
+_BF16_LSTM_RUNS: dict[str, bool] = {}
+
+
+def bf16_lstm_runs(device_type: str) -> bool:
+    """Can torch run a bfloat16-autocast LSTM here? oneDNN refuses to build one on CPUs without AVX512-BF16 or
+    AMX (e.g. AMD Zen 3), with an opaque RuntimeError: probed once per device type on a tiny network."""
+    if device_type not in _BF16_LSTM_RUNS:
+        try:
+            LSTMNet(2, 2, 1, 0.0, False, bf16=True).to(device_type)(torch.zeros(1, 1, 2, device=device_type))
+            _BF16_LSTM_RUNS[device_type] = True
+        except RuntimeError:
+            _BF16_LSTM_RUNS[device_type] = False
+    return _BF16_LSTM_RUNS[device_type]
+
+
 @checked_kwargs
 class LSTM(SequenceModel):
     """LSTM on sequence windows of a ``DatasetH``; the number of features is read from the data.
@@ -109,6 +124,9 @@ class LSTM(SequenceModel):
                 raise ValueError(f"d_feat={self.d_feat} but the handler gives {len(windows.columns)} features")
             self.d_feat = len(windows.columns)
             self.bf16 = self.precision == "bfloat16" or (self.precision == "auto" and native_bf16(device))
+            if self.bf16 and not bf16_lstm_runs(device.type):
+                raise ValueError(f"precision='bfloat16': this {device.type.upper()}'s oneDNN cannot run a bfloat16 "
+                                 "LSTM (it needs AVX512-BF16 or AMX); use precision 'auto' or 'float32'")
             train = LabelledRows(segment_labels(dataset, "train").iloc[:, 0], device, "train")
             valid = LabelledRows(segment_labels(dataset, "valid").iloc[:, 0], device, "valid")
             if self.loss == "ic":
