@@ -97,3 +97,16 @@ def test_the_same_seed_fits_the_same_model_with_the_kernels_on_and_off(which, si
         assert np.corrcoef(on_pred, off_pred)[0, 1] > 0.9999
     for name, weight in on_weights.items():
         torch.testing.assert_close(off_weights[name], weight, rtol=1e-2, atol=2e-3, msg=name)
+
+
+def test_the_build_is_kept_per_cpu_torch_and_checkout(monkeypatch, tmp_path):
+    """Two checkouts sharing a home folder keep two builds (torch's build file names the sources by path, so one
+    would rebuild the other's), and the key still follows the CPU's flags."""
+    kind = cpu_kernels._build_kind()
+    monkeypatch.setattr(cpu_kernels, "SOURCES", [tmp_path / "csrc" / "bindings.cpp"])
+    assert cpu_kernels._build_kind() != kind
+    monkeypatch.setattr(cpu_kernels, "Path", lambda path: tmp_path / "cpuinfo")
+    (tmp_path / "cpuinfo").write_text("flags\t\t: fpu sse2 avx2\n")
+    first = cpu_kernels._build_kind()
+    (tmp_path / "cpuinfo").write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    assert cpu_kernels._build_kind() != first

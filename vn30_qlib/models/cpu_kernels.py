@@ -135,11 +135,12 @@ def _compile_flags() -> list[str]:
 
 
 def _build_kind() -> str:
-    """A short hash of this CPU's instruction-set flags and torch's version: ``-march=native`` code runs only on
-    CPUs like the one that compiled it, and a build links one torch; a home folder shared by different machines
-    or virtual environments keeps one build per kind."""
+    """A short hash of this CPU's instruction-set flags, torch's version and the sources' folder: ``-march=native``
+    code runs only on CPUs like the one that compiled it, a build links one torch, and torch's build file names the
+    sources by path (another checkout's load would rebuild it, and a process killed mid-build leaves a lock that
+    stalls the next); a home folder shared by machines, virtual environments or checkouts keeps one build per kind."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = f"{platform.machine()} {platform.processor()}"
-    return hashlib.sha1(f"{flags} torch {torch.__version__}".encode()).hexdigest()[:10]
+    return hashlib.sha1(f"{flags} torch {torch.__version__} {SOURCES[0].parent}".encode()).hexdigest()[:10]
