@@ -10,4 +10,4 @@ from vn30_qlib.report import build_report
 provider = sys.argv[1] if len(sys.argv) > 1 else "~/.qlib/qlib_data/vn30_sim"
 results = run_loop(["workflows/lgb_vn30.yaml"], provider, store_root="models", jobs=2)
 print(sum(r["status"] == "failed" for r in results), "failed entries")
-build_report("models", "reports")
+build_report("models")
