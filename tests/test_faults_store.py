@@ -42,7 +42,7 @@ def workflows(tmp_path_factory) -> list[Path]:
     lgb = write_workflow(folder, "lgb_vn30.yaml",
                          {"            loss: mse\n": "            loss: mse\n            num_boost_round: 30\n"})
     lstm = write_workflow(folder, "lstm_vn30.yaml", {"{{ LSTM_EPOCHS | default(100, true) }}": "2",
-                                                      "{{ LSTM_THREADS | default(0, true) }}": "1",
+                                                      "{{ LSTM_THREADS | default(\"auto\", true) }}": "1",
                                                       "hidden_size: 64": "hidden_size: 16"})
     return [lgb, lstm]
 
