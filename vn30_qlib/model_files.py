@@ -51,13 +51,20 @@ def read_model(config: dict, folder: Path) -> Any:
     return _restore(init_instance_by_config(config), folder)
 
 
+def _read_booster(path: Path) -> lightgbm.Booster:
+    """LightGBM's parser aborts the whole process on some truncated texts: check its closing sections first."""
+    text = path.read_text()
+    if "\nend of trees\n" not in text or "\nend of parameters\n" not in text:
+        raise ValueError("incomplete: no 'end of trees' / 'end of parameters' section")
+    return lightgbm.Booster(model_str=text)
+
+
 def _restore(model: Any, folder: Path) -> Any:
     if isinstance(model, SeedEnsemble):
         # the members are built as the ensemble's fit builds them (its seed, its checkpoint folder)
         model.members = [_restore(model._member(seed), folder / f"seed{seed}") for seed in model.seeds]
     elif isinstance(model, LGBModel):
-        model.model = read_file(folder / "model.txt", lambda p: lightgbm.Booster(model_str=p.read_text()),
-                                "a LightGBM text model")
+        model.model = read_file(folder / "model.txt", _read_booster, "a LightGBM text model")
     elif isinstance(model, (LSTM, TFT)):
         tensors = read_file(folder / "weights.pt", lambda p: torch.load(p, map_location="cpu", weights_only=True),
                             "torch tensors")

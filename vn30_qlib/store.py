@@ -303,9 +303,9 @@ def read_file(path: Path, parse: Callable[[Path], Any], kind: str) -> Any:
 
 
 def _version_files(version: Path) -> list[str]:
-    """Every file of a version but its metadata, as paths relative to it."""
+    """Every file of a version but its metadata and our marker, as paths relative to it."""
     return sorted(p.relative_to(version).as_posix() for p in version.rglob("*")
-                  if p.is_file() and p.name != "metadata.json")
+                  if p.is_file() and p.name not in ("metadata.json", PARTIAL_MARKER))
 
 
 def _verify(version: Path, metadata: dict, names: list[str] | None = None) -> None:
