@@ -99,22 +99,22 @@ def test_killed_search_resumes_with_its_finished_trials(small_search, sim_provid
     out = tmp_path / "tuning"
     code = ("from vn30_qlib.tune import tune; "
             f"tune({str(small_search)!r}, {str(sim_provider(0.1))!r}, {str(out)!r}, n_trials=50)")
-    process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "tune.log"
+    with log.open("w") as stderr:  # progress is read from the log: polling the study's database would race
+        process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,  # its schema creation
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
     storage = f"sqlite:///{out / 'optuna.db'}"
 
     def finished() -> list:
-        try:
-            study = optuna.load_study(study_name="lgb_vn30", storage=storage)
-        except Exception:  # the study is not created yet
-            return []
+        study = optuna.load_study(study_name="lgb_vn30", storage=storage)
         return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
     deadline = time.time() + 300
-    while time.time() < deadline and len(finished()) < 2:
-        time.sleep(1)
+    while time.time() < deadline and process.poll() is None and log.read_text().count(" finished with value") < 2:
+        time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    assert log.read_text().count(" finished with value") >= 2, log.read_text()[-3000:]
     before = {t.number: (t.params, t.value) for t in finished()}
     assert len(before) >= 2
     from vn30_qlib.tune import tune

@@ -338,7 +338,7 @@ def test_a_report_out_that_is_a_file_is_exit_2(stored, tmp_path, capsys):
     out = tmp_path / "report"
     out.write_text("a user's file")
     code, output = _cli(capsys, "report", "--store", str(stored), "--out", str(out))
-    assert code == 2 and f"File exists: '{out}'" in output and "Traceback" not in output, output
+    assert code == 2 and f"{out}: is a file, not a folder" in output and "Traceback" not in output, output
     assert out.read_text() == "a user's file"
 
 
