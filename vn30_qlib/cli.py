@@ -21,6 +21,17 @@ def _data_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_update(args: argparse.Namespace) -> int:
+    from vn30_qlib.data.ingest import IngestOptions
+    from vn30_qlib.data.update import format_update, update
+
+    options = IngestOptions(date_column=args.date_column, index_date_column=args.index_date_column,
+                            price_unit=args.price_unit)
+    report = update(args.source, args.out, index_file=args.index, options=options, universe_file=args.universe)
+    print(format_update(report))
+    return 0
+
+
 def _data_simulate(args: argparse.Namespace) -> int:
     from vn30_qlib.data.simulate import write_simulated_provider
 
@@ -111,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--price-unit", default="thousand_vnd", choices=["thousand_vnd", "vnd"],
                    help="unit of the input prices; the provider always stores thousands of VND (default: %(default)s)")
     p.set_defaults(handler=_data_ingest)
+
+    p = data.add_parser("update", help="append a fresh export's new days to a provider; rebuild re-adjusted symbols")
+    p.add_argument("--source", required=True, help="folder of {SYMBOL}.csv files: full histories or recent days")
+    p.add_argument("--out", required=True, help="the provider to update (one vn30-qlib wrote; replaced only when "
+                                                "complete, untouched when nothing is new)")
+    p.add_argument("--index", help="index CSV, the VN30 instrument's new days (default: the stored index is kept)")
+    p.add_argument("--universe", help="new symbols of market vn30, as for data ingest (default: kept)")
+    p.add_argument("--date-column", help="date column of the price files (default: 'time' or 'date')")
+    p.add_argument("--index-date-column", help="date column of the index file (default: 'time' or 'date')")
+    p.add_argument("--price-unit", default="thousand_vnd", choices=["thousand_vnd", "vnd"],
+                   help="unit of the input prices; the provider always stores thousands of VND (default: %(default)s)")
+    p.set_defaults(handler=_data_update)
 
     p = data.add_parser("simulate", help="write the simulated VN30 market (the offline default)")
     p.add_argument("--out", default=DEFAULT_PROVIDER, help="provider folder, with the same rules as data ingest "

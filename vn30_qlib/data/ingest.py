@@ -21,6 +21,7 @@ import operator
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -257,6 +258,94 @@ def read_universe(path: Path) -> dict[str, int]:
     return symbols
 
 
+@dataclass(frozen=True)
+class ExportInputs:
+    """The files of one export, checked but not yet read: ``files`` maps each symbol (the index as
+    `INDEX_SYMBOL`) to its CSV; ``inputs`` are the source folder, index and universe files (a provider may not
+    be written inside them); ``universe`` the universe file's symbols with their lines, or None."""
+
+    files: dict[str, Path]
+    inputs: list[Path]
+    universe: dict[str, int] | None
+    universe_path: Path | None
+
+
+def locate_exports(source: str | Path, index_file: str | Path | None, options: IngestOptions,
+                   universe_file: str | Path | None) -> ExportInputs:
+    """Find the export's files (`find_exports`), the index and the universe file, raising `IngestError` for a
+    missing one, an unknown price unit or a stock file named like the index."""
+    if options.price_unit not in PRICE_UNITS:
+        raise IngestError(f"unknown price unit {options.price_unit!r}; choose one of {sorted(PRICE_UNITS)}")
+    source = Path(source).expanduser()
+    files = find_exports(source)
+    inputs = [source]
+    if index_file is not None:
+        index_path = Path(index_file).expanduser()
+        if not index_path.is_file():
+            raise IngestError(f"{index_path}: index file does not exist")
+        if INDEX_SYMBOL in files:
+            raise IngestError(f"{files[INDEX_SYMBOL]}: a stock file is named like the index {INDEX_SYMBOL}")
+        inputs.append(index_path)
+        files = {**files, INDEX_SYMBOL: index_path}
+    universe, universe_path = None, None
+    if universe_file is not None:
+        universe_path = Path(universe_file).expanduser()
+        universe = read_universe(universe_path)
+        inputs.append(universe_path)
+    return ExportInputs(files, inputs, universe, universe_path)
+
+
+def read_and_clean(files: dict[str, Path], options: IngestOptions) -> tuple[dict[str, pd.DataFrame], dict[str, dict]]:
+    """Read every file and apply the per-file rules and the isolated-date rule: the cleaned bars (``line``
+    column kept) and the reports by symbol. The calendar-wide steps are `finish_cleaning`'s."""
+    raw = {}
+    for symbol, path in files.items():
+        if symbol == INDEX_SYMBOL:  # the index is quoted in points: the price unit option is for stock prices only
+            raw[symbol] = read_export(path, options.index_date_column, 1.0)
+            continue
+        raw[symbol] = read_export(path, options.date_column, PRICE_UNITS[options.price_unit])
+        median_close = raw[symbol]["close"].median()
+        if options.price_unit == "thousand_vnd" and median_close > MAX_THOUSAND_VND_MEDIAN_CLOSE:
+            raise IngestError(f"{path}: median close {median_close:,.0f} looks like VND, not thousands of VND; "
+                              "pass --price-unit vnd")
+    cleaned, reports = {}, {}
+    for symbol in sorted(raw):
+        cleaned[symbol], reports[symbol] = clean_bars(raw.pop(symbol), options.rules)
+    return drop_isolated_dates(cleaned, reports, options.rules), reports
+
+
+def stock_calendar(bars: Iterable[pd.DataFrame]) -> pd.DatetimeIndex:
+    """The calendar: every day on which one of the stocks' ``bars`` traded."""
+    return pd.DatetimeIndex(np.unique(np.concatenate([frame.index.to_numpy() for frame in bars])))
+
+
+def finish_cleaning(cleaned: dict[str, pd.DataFrame], reports: dict[str, dict], calendar: pd.DatetimeIndex) -> dict:
+    """The calendar-wide steps: drop the index bars on days no stock traded and finish each report
+    (`flag_missing_days`); returns the calendar's part of the report. A file of which no bar is left is an
+    `IngestError`."""
+    calendar_report = {"days": len(calendar), "first": f"{calendar[0]:%Y-%m-%d}", "last": f"{calendar[-1]:%Y-%m-%d}"}
+    if INDEX_SYMBOL in cleaned:
+        cleaned[INDEX_SYMBOL], dropped = drop_days_outside(cleaned[INDEX_SYMBOL], reports[INDEX_SYMBOL], calendar)
+        calendar_report["index_days_not_traded_by_stocks"] = [f"{d:%Y-%m-%d}" for d in dropped]
+    flag_missing_days(cleaned, reports, calendar)
+    empty = [symbol for symbol, frame in cleaned.items() if frame.empty]
+    if empty:
+        raise IngestError(f"no rows survive cleaning for {empty}; see their defects: {[reports[s] for s in empty]}")
+    return calendar_report
+
+
+def options_report(options: IngestOptions) -> dict:
+    """How the export was read, for the report."""
+    return {"date_column": options.date_column or "time or date", "index_date_column":
+            options.index_date_column or "time or date", "price_unit": options.price_unit,
+            "stored_price_unit": "thousand_vnd", "rules": asdict(options.rules)}
+
+
+def symbol_report(path: Path, report: dict) -> dict:
+    """A symbol's report entry: its file, the file's sha256 and its cleaning report."""
+    return {"file": str(path), "sha256": _sha256(path), **report}
+
+
 def ingest(
     source: str | Path,
     out: str | Path,
@@ -271,77 +360,35 @@ def ingest(
     `check_out_dir`; ``force`` lets it replace a Qlib provider another tool wrote. Returns the report also
     written to ``out/ingest_report.json``.
     """
-    if options.price_unit not in PRICE_UNITS:
-        raise IngestError(f"unknown price unit {options.price_unit!r}; choose one of {sorted(PRICE_UNITS)}")
-    source = Path(source).expanduser()
-    exports = find_exports(source)
-    inputs = [source]
-    if index_file is not None:
-        index_path = Path(index_file).expanduser()
-        if not index_path.is_file():
-            raise IngestError(f"{index_path}: index file does not exist")
-        if INDEX_SYMBOL in exports:
-            raise IngestError(f"{exports[INDEX_SYMBOL]}: a stock file is named like the index {INDEX_SYMBOL}")
-        inputs.append(index_path)
-    universe = None
-    if universe_file is not None:
-        universe_path = Path(universe_file).expanduser()
-        universe = read_universe(universe_path)
-        for symbol, number in universe.items():
-            if symbol not in exports:
-                raise IngestError(f"{universe_path}, line {number}: universe symbol {symbol} has no file in {source}")
-        inputs.append(universe_path)
-    check_out_dir(out, inputs, force)
+    located = locate_exports(source, index_file, options, universe_file)
+    for symbol, number in (located.universe or {}).items():
+        if symbol not in located.files or symbol == INDEX_SYMBOL:
+            raise IngestError(f"{located.universe_path}, line {number}: universe symbol {symbol} has no file in "
+                              f"{located.inputs[0]}")
+    check_out_dir(out, located.inputs, force)
 
-    raw = {}
-    for symbol, path in exports.items():
-        raw[symbol] = read_export(path, options.date_column, PRICE_UNITS[options.price_unit])
-        median_close = raw[symbol]["close"].median()
-        if options.price_unit == "thousand_vnd" and median_close > MAX_THOUSAND_VND_MEDIAN_CLOSE:
-            raise IngestError(f"{path}: median close {median_close:,.0f} looks like VND, not thousands of VND; "
-                              "pass --price-unit vnd")
-    if index_file is not None:
-        # The index is quoted in points: the price unit option is for stock prices only.
-        raw[INDEX_SYMBOL] = read_export(index_path, options.index_date_column, 1.0)
-        exports = {**exports, INDEX_SYMBOL: index_path}
-
-    cleaned, reports = {}, {}
-    for symbol in sorted(raw):
-        cleaned[symbol], reports[symbol] = clean_bars(raw.pop(symbol), options.rules)
-    cleaned = drop_isolated_dates(cleaned, reports, options.rules)
+    cleaned, reports = read_and_clean(located.files, options)
     stocks = sorted(set(cleaned) - {INDEX_SYMBOL})
-    calendar = pd.DatetimeIndex(np.unique(np.concatenate([cleaned[symbol].index.to_numpy() for symbol in stocks])))
-    calendar_report = {}
-    if INDEX_SYMBOL in cleaned:
-        cleaned[INDEX_SYMBOL], dropped = drop_days_outside(cleaned[INDEX_SYMBOL], reports[INDEX_SYMBOL], calendar)
-        calendar_report["index_days_not_traded_by_stocks"] = [f"{d:%Y-%m-%d}" for d in dropped]
-    flag_missing_days(cleaned, reports, calendar)
-
-    empty = [symbol for symbol, frame in cleaned.items() if frame.empty]
-    if empty:
-        raise IngestError(f"no rows survive cleaning for {empty}; see their defects: {[reports[s] for s in empty]}")
+    calendar = stock_calendar(cleaned[symbol] for symbol in stocks)
+    calendar_report = finish_cleaning(cleaned, reports, calendar)
+    universe = located.universe
     members = sorted(universe) if universe is not None else stocks
     markets = {"vn30": members, "all": stocks}
     if INDEX_SYMBOL in cleaned:
         markets["index"] = [INDEX_SYMBOL]
     report = {
-        "options": {"date_column": options.date_column or "time or date", "index_date_column":
-                    options.index_date_column or "time or date", "price_unit": options.price_unit,
-                    "stored_price_unit": "thousand_vnd", "rules": asdict(options.rules)},
-        "calendar": {"days": len(calendar), "first": f"{calendar[0]:%Y-%m-%d}", "last": f"{calendar[-1]:%Y-%m-%d}",
-                     **calendar_report},
-        "universe": {"file": str(universe_path) if universe is not None else None,
+        "options": options_report(options),
+        "calendar": calendar_report,
+        "universe": {"file": str(located.universe_path) if universe is not None else None,
                      "vn30": len(members), "all": len(stocks),
                      "note": "market vn30 is the universe file" if universe is not None else
                      "no --universe given: every file in --source is in market vn30"},
-        "symbols": {
-            symbol: {"file": str(exports[symbol]), "sha256": _sha256(exports[symbol]), **reports[symbol]}
-            for symbol in sorted(reports)
-        },
+        "symbols": {symbol: symbol_report(located.files[symbol], reports[symbol]) for symbol in sorted(reports)},
     }
     bars = {symbol: frame.loc[:, list(BAR_FIELDS)] for symbol, frame in cleaned.items()}
     del cleaned
-    write_provider(out, bars, calendar, markets, extra_files={"ingest_report.json": report}, inputs=inputs, force=force)
+    write_provider(out, bars, calendar, markets, extra_files={"ingest_report.json": report}, inputs=located.inputs,
+                   force=force)
     return report
 
 

@@ -60,12 +60,35 @@ def derive_fields(bars: pd.DataFrame) -> pd.DataFrame:
     - ``factor``: 1.0; the prices are already back-adjusted, so adjusted price == stored price.
     - ``change``: ``close / previous close - 1`` over the instrument's previous bar (NaN on its first bar);
       Qlib's exchange compares it with the price limit.
+
+    Where ``bars`` already holds a derived field (an update keeps the stored values of the days a provider
+    held, `read_features`), its values are kept and only the missing ones computed.
     """
     out = bars.loc[:, list(BAR_FIELDS)].astype("float64")
     out["vwap"] = (out["high"] + out["low"] + out["close"]) / 3.0
     out["factor"] = 1.0
     out["change"] = out["close"] / out["close"].shift(1) - 1.0
+    for field in DERIVED_FIELDS:
+        if field in bars:
+            out[field] = bars[field].astype("float64").where(bars[field].notna(), out[field])
     return out
+
+
+def read_features(provider_dir: str | Path, symbol: str, calendar: pd.DatetimeIndex) -> pd.DataFrame:
+    """The stored `FIELDS` of one instrument as written (float32 values widened to float64), indexed by the
+    days of ``calendar`` (the provider's) on which it has a bar; `IngestError` naming the file when one is
+    missing or does not fit the calendar."""
+    folder = Path(provider_dir).expanduser() / "features" / symbol.lower()
+    columns = {}
+    for field in FIELDS:
+        path = folder / f"{field}.day.bin"
+        stored = np.fromfile(path, dtype="<f4") if path.is_file() else np.empty(0, dtype="<f4")
+        first = float(stored[0]) if len(stored) else float("nan")
+        if len(stored) < 2 or not first.is_integer() or not 0 <= first <= len(calendar) - (len(stored) - 1):
+            raise IngestError(f"{path}: missing, or does not fit the provider's {len(calendar)}-day calendar")
+        columns[field] = pd.Series(stored[1:].astype("float64"), index=calendar[int(first):int(first) + len(stored) - 1])
+    frame = pd.DataFrame(columns)
+    return frame.loc[frame["close"].notna()]
 
 
 def read_calendar(provider_dir: str | Path) -> pd.DatetimeIndex:
@@ -222,6 +245,11 @@ def _read_marker(path: Path) -> dict | None:
     if not isinstance(marker, dict) or marker.get("written_by") != "vn30_qlib":
         return None
     return marker if isinstance(marker.get("entries", []), list) else None
+
+
+def is_vn30_provider(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a provider this package wrote (its `MARKER`)."""
+    return _read_marker(Path(folder).expanduser() / MARKER) is not None
 
 
 def _is_qlib_provider(folder: Path) -> bool:
