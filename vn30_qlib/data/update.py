@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from vn30_qlib.data.ingest import (INDEX_SYMBOL, IngestOptions, finish_cleaning, locate_exports, options_report,
