@@ -70,6 +70,14 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from vn30_qlib.predict import format_signal, predict
+
+    models = [name.strip() for name in args.models.split(",") if name.strip()] if args.models else None
+    print(format_signal(predict(args.provider, args.date, args.store, models, args.out)))
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from vn30_qlib.store import validate
 
@@ -187,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     _executor_arguments(p)
     p.set_defaults(handler=_tune)
 
+    p = commands.add_parser("predict", help="the next trading day's ranked signal and target orders from the stored "
+                                            "models, recorded in mlflow")
+    p.add_argument("--date", help="trading day to trade, YYYY-MM-DD; the signal reads the close before it "
+                                  "(default: the HOSE trading day after the provider's last day)")
+    p.add_argument("--models", help="pooled store entries, comma-separated, e.g. lgb,lstm,tft,tft_ensemble "
+                                    "(default: every pooled entry of the store)")
+    p.add_argument("--store", default="models", help="model store folder (default: %(default)s)")
+    p.add_argument("--provider", default=DEFAULT_PROVIDER, help="Qlib provider folder (default: %(default)s)")
+    p.add_argument("--out", help="signal CSV to write; the newest earlier YYYY-MM-DD.csv beside it is the previous "
+                                 "target (default: {store}/signals/{date}.csv)")
+    p.set_defaults(handler=_predict)
+
     p = commands.add_parser("validate", help="reload stored versions and prove they re-predict their predictions")
     p.add_argument("versions", nargs="+", help="version folders, e.g. models/symbols/ACB/lgb/v0001")
     p.set_defaults(handler=_validate)
@@ -197,11 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vn30_qlib.data.ingest import IngestError
     from vn30_qlib.executors import WorkerCannotSee
+    from vn30_qlib.predict import PredictError
     from vn30_qlib.store import StoreError
 
     try:
         return args.handler(args)
-    except (IngestError, StoreError, WorkerCannotSee, OSError) as error:  # OSError: a missing or unwritable path
+    except (IngestError, StoreError, WorkerCannotSee, PredictError, OSError) as error:  # OSError: a missing or unwritable path
         print(f"error: {error}", file=sys.stderr)
         return 2
 
