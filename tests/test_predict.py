@@ -232,3 +232,60 @@ def test_portfolio_orders_in_lots():
         "C": {"previous_shares": 0, "target_shares": 10_000, "order": "buy", "order_shares": 10_000},  # fills up
         "D": {"previous_shares": 3_300, "target_shares": 0, "order": "sell", "order_shares": 3_300},
     }
+
+
+class QuantileMember:
+    """Stands in for a fitted TFT: its 10/50/90 % quantiles are the first feature -1, +0, +1, moved by ``shift``."""
+
+    def __init__(self, shift: float):
+        self.shift = shift
+
+    def predict_quantiles(self, dataset, segment: str) -> pd.DataFrame:
+        from qlib.data.dataset.handler import DataHandlerLP
+
+        x = dataset.prepare(segment, col_set="feature", data_key=DataHandlerLP.DK_I).iloc[:, 0] + self.shift
+        return pd.DataFrame({"h1_q0.1": x - 1, "h1_q0.5": x, "h1_q0.9": x + 1})
+
+
+class QuantileEnsemble:
+    """Stands in for a `SeedEnsemble` of TFTs: the members' mean median is its score."""
+
+    members = [QuantileMember(0.0), QuantileMember(2.0)]
+
+    def predict(self, dataset, segment: str) -> pd.Series:
+        return sum(m.predict_quantiles(dataset, segment)["h1_q0.5"] for m in self.members) / len(self.members)
+
+
+def test_quantile_models_add_their_10_50_90_columns(trained):
+    from vn30_qlib.loop import init_qlib_for
+    from vn30_qlib.predict import LoadedModel, score_day
+
+    provider, store_root = trained
+    version = store.latest(store_root / "pooled" / "lgb")
+    lgb = store.load(version)
+    init_qlib_for(provider)
+    day = pd.Timestamp("2024-09-26")
+    scores = score_day([LoadedModel("lgb", version, lgb[0], lgb[1], lgb[3]),
+                        LoadedModel("tft_ensemble", version, QuantileEnsemble(), lgb[1], lgb[3])], day)
+    assert list(scores.columns) == ["score_lgb", "score_tft_ensemble", "tft_ensemble_q10", "tft_ensemble_q50",
+                                    "tft_ensemble_q90"]
+    assert np.allclose(scores["tft_ensemble_q50"], scores["score_tft_ensemble"])
+    assert np.allclose(scores["tft_ensemble_q10"], scores["tft_ensemble_q50"] - 1)
+    assert np.allclose(scores["tft_ensemble_q90"], scores["tft_ensemble_q50"] + 1)
+    assert np.allclose(scores["score_lgb"], stored_scores(store_root, "2024-09-26").reindex(scores.index))
+
+
+def test_a_name_without_a_bar_on_the_signal_day_gets_no_score_and_is_sold():
+    from vn30_qlib.predict import signal_table
+
+    day = pd.Timestamp("2024-09-26")
+    closes = {"A": pd.Series([10.0, 10.7], index=[day - pd.Timedelta(days=1), day]),
+              "B": pd.Series([20.0, 20.2], index=[day - pd.Timedelta(days=1), day]),
+              "C": pd.Series([30.0], index=[day - pd.Timedelta(days=2)])}  # suspended on the signal day
+    scores = pd.DataFrame({"score_lgb": [0.1, 0.3, 0.9]}, index=["A", "B", "C"])
+    table = signal_table(scores, closes, day, {"C": 1_000}, STRATEGY).set_index("symbol")
+    assert list(table.index) == ["B", "A", "C"] and table["rank"].tolist()[:2] == [1, 2]
+    assert pd.isna(table.loc["C", "score"]) and pd.isna(table.loc["C", "score_lgb"]) and pd.isna(table.loc["C", "rank"])
+    assert table.loc["C", "order"] == "sell" and table.loc["C", "order_shares"] == 1_000
+    assert table.loc["A", "at_limit"] == "up"  # 10 * 1.07 = 10.7, on the 0.05 tick
+    assert table[["order", "target_shares"]].loc[["A", "B"]].values.tolist() == [["buy", 9_300], ["buy", 4_900]]

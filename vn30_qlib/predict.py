@@ -241,6 +241,9 @@ def score_day(models: Sequence[LoadedModel], signal_day: pd.Timestamp) -> pd.Dat
             for q in QUANTILES:
                 columns[f"{loaded.name}_q{round(q * 100)}"] = mean[f"h1_q{q:g}"]
     table = pd.DataFrame(columns)
+    if signal_day not in table.index.get_level_values("datetime"):
+        raise PredictError(f"no model scored a name on {signal_day:%Y-%m-%d}: the provider's vn30 market holds no "
+                           "name trading that day")
     return table.xs(signal_day, level="datetime")
 
 
@@ -357,21 +360,8 @@ def predict(provider: str | Path, date: str | None = None, store_root: str | Pat
     members = read_instruments(provider, "vn30")
     members = members[(members["start"] <= signal_day) & (members["end"] >= signal_day)]["symbol"]
     calendar = read_calendar(provider)
-    closes = {symbol: read_features(provider, symbol, calendar)["close"] for symbol in members}
-    table = pd.DataFrame(index=pd.Index(sorted(set(members) | set(previous)), name="symbol"))
-    # stored as float32: rounded to 4 decimals (prices have 2) so the file shows the close that was quoted
-    table["close"] = [round(closes[s].get(signal_day, np.nan), PRICE_DECIMALS) if s in closes else np.nan
-                      for s in table.index]
-    previous_close = [closes[s].loc[:signal_day].iloc[-2] if s in closes and len(closes[s].loc[:signal_day]) > 1
-                      else np.nan for s in table.index]
-    model_columns = scores.reindex(table.index).where(table["close"].notna(), axis=0)  # no bar on t: no score
-    table["score"] = combined_score(model_columns[[c for c in scores.columns if c.startswith("score_")]])
-    table["rank"] = table["score"].rank(ascending=False, method="first").astype("Int64")
-    table = table.join(model_columns)
-    table["at_limit"] = price_limit_flags(table["close"], pd.Series(previous_close, index=table.index), strategy.limit)
-    table = table.join(portfolio(table, previous, strategy))
-    table = table.sort_values(["rank", "symbol"], na_position="last").reset_index()
-    table = table[list(LEADING_COLUMNS) + [c for c in table.columns if c not in LEADING_COLUMNS]]
+    closes = {symbol: read_features(provider, symbol, calendar)["close"].loc[:signal_day] for symbol in members}
+    table = signal_table(scores, closes, signal_day, previous, strategy)
 
     inputs = {
         "date": f"{day:%Y-%m-%d}", "signal_day": f"{signal_day:%Y-%m-%d}",
@@ -384,6 +374,27 @@ def predict(provider: str | Path, date: str | None = None, store_root: str | Pat
     run_id = _write_and_record(table, out, inputs, store_root)
     return {"table": table, "date": day, "signal_day": signal_day, "out": out, "models": loaded, "run_id": run_id,
             "inputs": inputs}
+
+
+def signal_table(scores: pd.DataFrame, closes: dict[str, pd.Series], signal_day: pd.Timestamp,
+                 previous: dict[str, int], strategy: Strategy) -> pd.DataFrame:
+    """One row per name of ``closes`` (the vn30 names' closes up to the signal day) and of the previous target:
+    combined score and rank, the models' columns (``scores``), the close, the limit flag and the orders. A name
+    without a bar on the signal day gets no score."""
+    table = pd.DataFrame(index=pd.Index(sorted(set(closes) | set(previous)), name="symbol"))
+    # stored as float32: rounded to 4 decimals (prices have 2) so the file shows the close that was quoted
+    table["close"] = [round(closes[s].get(signal_day, np.nan), PRICE_DECIMALS) if s in closes else np.nan
+                      for s in table.index]
+    previous_close = pd.Series([closes[s].iloc[-2] if s in closes and len(closes[s]) > 1 else np.nan
+                                for s in table.index], index=table.index)
+    model_columns = scores.reindex(table.index).where(table["close"].notna(), axis=0)
+    table["score"] = combined_score(model_columns[[c for c in scores.columns if c.startswith("score_")]])
+    table["rank"] = table["score"].rank(ascending=False, method="first").astype("Int64")
+    table = table.join(model_columns)
+    table["at_limit"] = price_limit_flags(table["close"], previous_close, strategy.limit)
+    table = table.join(portfolio(table, previous, strategy))
+    table = table.sort_values(["rank", "symbol"], na_position="last").reset_index()
+    return table[list(LEADING_COLUMNS) + [c for c in table.columns if c not in LEADING_COLUMNS]]
 
 
 def _require_ours(out: Path) -> None:

@@ -120,8 +120,9 @@ def _merge(symbol: str, held: pd.DataFrame | None, export: pd.DataFrame | None,
     overlap = window.index.intersection(export.index)
     only_held = window.index.difference(export.index)
     only_export = export.index[export.index <= held_last].difference(window.index)
-    same = (export.loc[overlap, list(BAR_FIELDS)].to_numpy("<f4") == window.loc[overlap, list(BAR_FIELDS)].to_numpy("<f4"))
-    differing = overlap[~same.all(axis=1)]
+    exported = export[list(BAR_FIELDS)].to_numpy("<f4")[export.index.get_indexer(overlap)]
+    stored = window[list(BAR_FIELDS)].to_numpy("<f4")[window.index.get_indexer(overlap)]
+    differing = overlap[~(exported == stored).all(axis=1)]
     if len(differing) or len(only_held) or len(only_export):
         change = _rebuilt(export, window, differing, only_held, only_export)
         if start > held.index[0]:
