@@ -112,9 +112,9 @@ def _merge(symbol: str, held: pd.DataFrame | None, export: pd.DataFrame | None,
     the days taken from the export, derived fields where known) and what happened to it."""
     if export is None:
         return held, {"status": "not_in_export", "last_day": f"{held.index[-1]:%Y-%m-%d}"}
-    fresh = derive_fields(export)
+    bars = export.loc[:, list(BAR_FIELDS)]
     if held is None:
-        return fresh, {"status": "new", "days": len(fresh), "first_day": f"{fresh.index[0]:%Y-%m-%d}"}
+        return bars, {"status": "new", "days": len(bars), "first_day": f"{bars.index[0]:%Y-%m-%d}"}
     start, held_last = export.index[0], held.index[-1]
     window = held.loc[held.index >= start]
     overlap = window.index.intersection(export.index)
@@ -130,8 +130,10 @@ def _merge(symbol: str, held: pd.DataFrame | None, export: pd.DataFrame | None,
                 f"{path}: the bars of {symbol} differ from the provider's ({_describe(change)}), but the file "
                 f"starts {start:%Y-%m-%d}, after the provider's first day {held.index[0]:%Y-%m-%d}: export the "
                 "symbol's full history so that it can be rebuilt")
-        return fresh, change
-    appended = fresh.loc[fresh.index > held_last]
+        return bars, change
+    # the new days' derived fields, each change from the export's own previous close where it has one
+    first_new = int(export.index.searchsorted(held_last, side="right"))
+    appended = derive_fields(export.iloc[max(first_new - 1, 0):]).iloc[min(first_new, 1):]
     change = {"status": "appended" if len(appended) else "unchanged", "days": len(appended)}
     if len(appended):
         change["last_day"] = f"{appended.index[-1]:%Y-%m-%d}"
