@@ -35,8 +35,13 @@ def _data_update(args: argparse.Namespace) -> int:
 def _data_simulate(args: argparse.Namespace) -> int:
     from vn30_qlib.data.simulate import write_simulated_provider
 
-    out = write_simulated_provider(args.out, seed=args.seed, signal=args.signal, force=args.force)
-    print(f"simulated VN30 market (seed {args.seed}, signal {args.signal}) written to {out}")
+    if args.drift_signal is not None and args.drift is None:
+        print("error: --drift-signal needs --drift DATE", file=sys.stderr)
+        return 2
+    out = write_simulated_provider(args.out, seed=args.seed, signal=args.signal, force=args.force, drift=args.drift,
+                                   drift_signal=args.drift_signal)
+    drift = f", drift from {args.drift}" if args.drift else ""
+    print(f"simulated VN30 market (seed {args.seed}, signal {args.signal}{drift}) written to {out}")
     return 0
 
 
@@ -112,6 +117,8 @@ def _executor_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vn30_qlib.rolling.command import add_drift_arguments, add_rolling_command
+
     parser = argparse.ArgumentParser(prog="vn30-qlib", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="build and check Qlib providers").add_subparsers(dest="action", required=True)
@@ -152,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal", type=float, default=0.05,
                    help="strength of the planted predictable component, the mean daily Rank IC it gives "
                         "(0 = pure noise) (default: %(default)s)")
+    add_drift_arguments(p)
     p.set_defaults(handler=_data_simulate)
 
     p = data.add_parser("check", help="load a provider through Qlib and verify every field round-trips")
@@ -210,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("validate", help="reload stored versions and prove they re-predict their predictions")
     p.add_argument("versions", nargs="+", help="version folders, e.g. models/symbols/ACB/lgb/v0001")
     p.set_defaults(handler=_validate)
+
+    add_rolling_command(commands)
     return parser
 
 

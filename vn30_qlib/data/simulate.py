@@ -109,6 +109,14 @@ Prices in thousands of VND, one step per HOSE trading day (vn30_qlib.data.holida
 - Symbols trade from their listing day (the first trading day on or after it) on; all draws come from
   numpy's default_rng(seed), so the same arguments give the same bars.
 """
+# The regime change of `simulate_market(drift=...)`; it goes into params["drift"] only when a drift is set (the
+# stationary market's parameters, and so its provider, stay as they were).
+DRIFT_PROCESS = """\
+From the drift date on (its first trading day d), the loading of z[i,t-1] in the return of day t is k_after,
+calibrated like k for the signal `signal_after` (default -signal: the sign flips). The label of day t holds the
+loading of day t+2, so the labels from two trading days before d (first_changed_label) on carry k_after. The
+random draws are those of the stationary market with the same seed.
+"""
 
 
 def tick_size(price: np.ndarray) -> np.ndarray:
@@ -175,9 +183,13 @@ def measure_signal(bars: dict[str, pd.DataFrame], min_symbols: int = 10) -> dict
 
 
 def simulate_market(
-    seed: int = 0, signal: float = 0.05, start: str = DEFAULT_START, end: str = DEFAULT_END
+    seed: int = 0, signal: float = 0.05, start: str = DEFAULT_START, end: str = DEFAULT_END,
+    drift: str | None = None, drift_signal: float | None = None,
 ) -> tuple[dict[str, pd.DataFrame], pd.DatetimeIndex, dict]:
     """Simulate the VN30 market from ``start`` to ``end``; the same arguments give identical output.
+
+    ``drift``: a date from which the planted signal is ``drift_signal`` (default ``-signal``) instead of
+    ``signal`` (`DRIFT_PROCESS`), so that a model fitted before it is wrong after it; None: no regime change.
 
     Returns (bars, calendar, params): ``bars`` maps each symbol listed by ``end`` to a frame indexed by date
     (from its listing day on) with columns open, high, low, close (float, thousand VND) and volume (int,
@@ -205,6 +217,13 @@ def simulate_market(
     sector = _centred(rng.normal(0.0, SECTOR_VOL, (n_days, len(SECTORS))))
     idio = rng.normal(0.0, IDIO_VOL, (n_days, n_sym))
     planted = np.vstack([np.zeros((1, n_sym)), k * z[:-1]])
+    if drift is not None:
+        day_index = drift_day(calendar, drift)
+        signal_after = -signal if drift_signal is None else drift_signal
+        k_after = signal_loading(signal_after, sigma)
+        planted[day_index:] = k_after * z[day_index - 1:-1]
+    elif drift_signal is not None:
+        raise ValueError("drift_signal needs a drift date")
     ret = betas * market[:, None] + sector[:, sector_idx] + idio + planted
 
     # listing: the first calendar day on or after the listing date
@@ -280,23 +299,46 @@ def simulate_market(
                     for j, s in enumerate(SYMBOLS)},
         "measured_signal": measure_signal(bars),
     }
+    if drift is not None:
+        changed = calendar[day_index - 2]  # the first label that holds k_after
+        params["drift"] = {
+            "process": DRIFT_PROCESS, "date": f"{calendar[day_index]:%Y-%m-%d}", "signal_before": signal,
+            "signal_after": signal_after, "k_before": k, "k_after": k_after,
+            "first_changed_label": f"{changed:%Y-%m-%d}",
+            "measured_signal_before": measure_signal({s: f[f.index < changed] for s, f in bars.items()}),
+            "measured_signal_after": measure_signal({s: f[f.index >= changed] for s, f in bars.items()}),
+        }
     return bars, calendar, params
 
 
 def write_simulated_provider(
     out_dir: str | Path, seed: int = 0, signal: float = 0.05, start: str = DEFAULT_START, end: str = DEFAULT_END,
-    force: bool = False,
+    force: bool = False, drift: str | None = None, drift_signal: float | None = None,
 ) -> Path:
     """Simulate the market and write it as a Qlib provider (markets vn30 and all) through `write_provider`.
 
     ``out_dir`` is checked before simulating (`check_out_dir`; ``force`` replaces a foreign Qlib provider).
-    The parameters go to ``simulate_params.json`` in the provider.
+    The parameters go to ``simulate_params.json`` in the provider (with a ``drift`` entry when ``drift`` is set).
     """
     check_out_dir(out_dir, force=force)
-    bars, calendar, params = simulate_market(seed=seed, signal=signal, start=start, end=end)
+    bars, calendar, params = simulate_market(seed=seed, signal=signal, start=start, end=end, drift=drift,
+                                             drift_signal=drift_signal)
     symbols = sorted(bars)
     return write_provider(out_dir, bars, calendar, markets={"vn30": symbols, "all": symbols},
                           extra_files={"simulate_params.json": params}, force=force)
+
+
+def drift_day(calendar: pd.DatetimeIndex, drift: str) -> int:
+    """Index of the first trading day on or after ``drift``; it must leave days on both sides."""
+    try:
+        day = pd.Timestamp(drift)
+    except ValueError as error:
+        raise ValueError(f"drift date {drift!r} is not a date (use YYYY-MM-DD)") from error
+    index = int(calendar.searchsorted(day))
+    if not 2 <= index < len(calendar) - 2:
+        raise ValueError(f"drift date {drift} must fall inside the simulated days {calendar[0]:%Y-%m-%d} .. "
+                         f"{calendar[-1]:%Y-%m-%d}, with two trading days on each side")
+    return index
 
 
 def _centred(draws: np.ndarray) -> np.ndarray:

@@ -1,0 +1,146 @@
+"""Rolling retraining (RR) of a VN30 workflow through Qlib's own `qlib.contrib.rolling.base.Rolling`.
+
+Qlib's `Rolling` reads its YAML with a plain safe loader (no ``BASE_CONFIG_PATH``, no Jinja) and bends the task
+to its CSI300 examples. `VN30Rolling` keeps Qlib's machinery (`RollingGen` splits the test into ``step``-day
+windows, `TrainerR` fits one recorder per window, `RollingEnsemble` joins their predictions, the workflow's
+records evaluate the joined predictions) and changes only what does not fit the VN30 workflows:
+
+- the workflow is read as ``qrun`` reads it (`vn30_qlib.workflow_config.load_workflow`);
+- the label is the handler's own (Qlib would overwrite it with ``Ref($close, -h-1) / Ref($close, -1) - 1``), and
+  every segment before a task's test window is cut ``reach + 1`` trading days before it, ``reach`` being the
+  days the label reads ahead (2): the last train/valid label reads closes before the test window opens. Qlib
+  cuts ``horizon + 1`` days, which lets the last label read the close of the test's first day;
+- the handler is built once and shared by the tasks in memory (Qlib pickles it next to the YAML); its
+  processors stay fitted on the workflow's train segment, which ends before every task's test window;
+- a train segment starting on the provider's first day moves to its second (`RollingGen` asserts that no
+  segment starts on calendar index 0);
+- the last task's test window ends on the workflow's test end (Qlib lets it run a step past it);
+- the joined predictions get the workflow's records, with ``<DATASET>`` the workflow's test segment; records
+  that need one ``<MODEL>`` (feature importance, diagnostics) are left to the per-task recorders.
+"""
+from __future__ import annotations
+
+import uuid
+from copy import deepcopy
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+from qlib.contrib.rolling.base import Rolling
+from qlib.data import D
+from qlib.log import get_module_logger
+from qlib.utils import fill_placeholder, get_cls_kwargs, init_instance_by_config
+from qlib.utils.data import deepcopy_basic_type
+from qlib.workflow import R
+from qlib.workflow.record_temp import SignalRecord
+from qlib.workflow.task.gen import RollingGen, task_generator
+
+from vn30_qlib.dataset import label_reach
+from vn30_qlib.workflow_config import load_workflow
+
+
+class RollingError(ValueError):
+    """A rolling run asked for something the workflow or the provider cannot give (the CLI exits 2)."""
+
+
+class VN30Rolling(Rolling):
+    """Qlib's `Rolling` on a VN30 workflow YAML: ``step`` trading days per task, the train segment expanding
+    (``train_window`` None) or sliding with ``train_window`` trading days; results in experiment ``exp_name``."""
+
+    method = "rr"  # the name in the default experiment name and the recorder's params
+
+    def __init__(self, workflow: str | Path, provider: str | Path, step: int, train_window: int | None = None,
+                 exp_name: str | None = None, **kwargs):
+        if step < 1:
+            raise RollingError(f"step must be 1 or more trading days, got {step}")
+        if train_window is not None and train_window < 1:
+            raise RollingError(f"train window must be 1 or more trading days, got {train_window}")
+        self.workflow_config = load_workflow(workflow, {"VN30_PROVIDER": str(provider)})
+        self.provider = Path(provider).expanduser()
+        self.train_window = train_window
+        self.calendar = pd.DatetimeIndex(D.calendar(freq="day"))
+        # Qlib cuts `horizon + 1` days before each test window: with horizon = reach, the last label before it
+        # reads closes before its first day
+        reach = label_reach(self.shared_handler.data_loader.fields["label"][0])
+        default_exp_name = f"{self.workflow_config.get('experiment_name', Path(workflow).stem)}_{self.method}"
+        super().__init__(conf_path=workflow, exp_name=exp_name or default_exp_name, horizon=reach, step=step,
+                         **kwargs)
+        self.rolling_exp = f"{self.exp_name}_tasks_{pd.Timestamp.now():%Y%m%d%H%M%S}_{uuid.uuid4().hex[:6]}"
+        self.logger = get_module_logger("VN30Rolling")
+
+    def _raw_conf(self) -> dict:
+        return deepcopy(self.workflow_config)
+
+    @cached_property
+    def shared_handler(self):
+        """The workflow's handler, loaded once for every task (Qlib's Rolling pickles it to a file instead)."""
+        return init_instance_by_config(self.workflow_config["task"]["dataset"]["kwargs"]["handler"])
+
+    def basic_task(self, enable_handler_cache: bool | None = True) -> dict:
+        """The workflow's task with Qlib-aligned segments; with ``enable_handler_cache`` the shared handler."""
+        task = deepcopy(self.workflow_config["task"])
+        segments = {name: (pd.Timestamp(start), pd.Timestamp(end))
+                    for name, (start, end) in task["dataset"]["kwargs"]["segments"].items()}
+        train_start, train_end = segments["train"]
+        first = max(int(self.calendar.searchsorted(train_start)), 1)  # RollingGen asserts index > 0
+        if self.train_window is not None:
+            last = int(self.calendar.searchsorted(train_end, side="right")) - 1
+            if last - self.train_window + 1 < 1:
+                raise RollingError(f"train window of {self.train_window} trading days is longer than the "
+                                   f"{last} days from the provider's second day to the train end "
+                                   f"{train_end:%Y-%m-%d}")
+            first = last - self.train_window + 1
+        segments["train"] = (self.calendar[first], train_end)
+        task["dataset"]["kwargs"]["segments"] = segments
+        if enable_handler_cache:
+            task["dataset"]["kwargs"]["handler"] = self.shared_handler
+        return task
+
+    @property
+    def test_segment(self) -> tuple[pd.Timestamp, pd.Timestamp]:
+        return self.basic_task(enable_handler_cache=False)["dataset"]["kwargs"]["segments"]["test"]
+
+    def get_task_list(self) -> list[dict]:
+        """One task per ``step`` test days, each cut ``reach + 1`` days before its test window."""
+        rtype = RollingGen.ROLL_EX if self.train_window is None else RollingGen.ROLL_SD
+        generator = RollingGen(step=self.step, rtype=rtype, trunc_days=self.horizon + 1,
+                               task_copy_func=deepcopy_basic_type)  # a deepcopy would drop the handler's data
+        tasks = task_generator(self.basic_task(), generator)
+        test_end = self.calendar[self.calendar.searchsorted(self.test_segment[1], side="right") - 1]
+        for task in tasks:
+            segments = task["dataset"]["kwargs"]["segments"]
+            start, end = segments["test"]
+            segments["test"] = (start, test_end if end is None or end > test_end else end)
+            task["record"] = ["qlib.workflow.record_temp.SignalRecord"]
+        self.logger.info(f"{len(tasks)} rolling tasks of {self.step} days, test windows "
+                         f"{tasks[0]['dataset']['kwargs']['segments']['test'][0]:%Y-%m-%d} .. {test_end:%Y-%m-%d}")
+        self.task_count = len(tasks)
+        return tasks
+
+    def _update_rolling_rec(self) -> None:
+        """The workflow's records on the joined predictions (see the module docstring)."""
+        recorder = R.get_recorder(experiment_name=self.exp_name, recorder_id=self._rid)
+        recorder.log_params(workflow=str(Path(self.conf_path).resolve()), method=self.method, step=self.step,
+                            train_window="expanding" if self.train_window is None else f"{self.train_window}d",
+                            tasks=self.task_count, rolling_exp=self.rolling_exp)
+        recorder.save_objects(config=self.workflow_config)
+        task = self.basic_task()
+        dataset_config = {**task["dataset"], "kwargs": {**task["dataset"]["kwargs"],
+                                                       "segments": {"test": self.test_segment}}}
+        dataset = init_instance_by_config(dataset_config)
+        records = self.workflow_config["task"].get("record", [])
+        for record in records if isinstance(records, list) else [records]:
+            if issubclass(get_cls_kwargs(record, default_module="qlib.workflow.record_temp")[0], SignalRecord):
+                continue  # the joined pred.pkl and label.pkl are already there
+            if "<MODEL>" in str(record.get("kwargs", {})):
+                self.logger.info(f"{record.get('class')} needs one model: see the task recorders in experiment "
+                                 f"{self.rolling_exp}")
+                continue
+            filled = fill_placeholder(deepcopy_basic_type(record), {"<DATASET>": dataset})
+            init_instance_by_config(filled, recorder=recorder, default_module="qlib.workflow.record_temp").generate()
+        self.logger.info(f"results in experiment {self.exp_name}, recorder {self._rid}")
+
+    def run(self):
+        """Fit every task, join the predictions, evaluate them; returns the recorder of the joined results."""
+        super().run()
+        return R.get_recorder(experiment_name=self.exp_name, recorder_id=self._rid)

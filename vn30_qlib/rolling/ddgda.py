@@ -1,0 +1,201 @@
+"""DDG-DA on a VN30 workflow through Qlib's own `qlib.contrib.rolling.ddgda.DDGDA`.
+
+Qlib's DDG-DA (a meta-model that reweights each rolling task's training days by how the data of each period
+predicted the periods after it) runs on the rolling tasks of `VN30Rolling`. Qlib 0.9.7 does not run unchanged on
+pandas 3, LightGBM 4 and 30 names a day; each trap has its adapter here:
+
+- proxy model: ``linear`` (Qlib's ridge). Qlib's ``gbdt`` proxy passes ``early_stopping_rounds=None``, which
+  LightGBM 4 refuses (``early_stopping_round should be an integer``);
+- ``loss_skip_thresh``: Qlib skips the meta-model's IC loss on days with fewer than 50 names, i.e. every VN30
+  day; here 10;
+- ``InternalData._calc_perf`` slices with ``df.loc(axis=0)[:, "pred"]``, a TypeError under pandas 3, and runs
+  in joblib processes: `VN30InternalData` computes the daily Rank IC with `vn30_qlib.metrics.daily_rank_ic`,
+  under joblib threads;
+- Qlib's fixed experiment names ("DDG-DA", "data_sim_s20") make a second run reuse, or trip over, the first
+  run's proxy models; here every internal experiment is named after the run;
+- Qlib writes its intermediate files (handler caches, proxy data, internal data, tasks) to a working folder:
+  here a temporary folder of the run, removed after it;
+- the proxy data z-scores each feature per day by dividing by the day's standard deviation, which float
+  rounding can make exactly 0 while the deviations are not (every name clipped to the same value on a
+  limit-down day): +-inf, a NaN loss in the meta-model. A feature constant on a day is 0 on that day here;
+- ``MetaTaskDS`` asserts that each meta-task's test window holds at least 5 labelled days (a bare
+  ``AssertionError``, not the ``ValueError`` `MetaDatasetDS` skips). The proxy tasks roll ``step`` days at a
+  time from ``meta_1st_train_end`` to the test end, so the last window holds the remainder of that division,
+  and the proxy data drops the last ``reach`` days (no label): with fewer than 5 days left it fails. The proxy
+  tasks' test end is moved back to the end of the last full window (those tasks only report the meta-model's
+  test loss; they never train it);
+- the meta-model trains on the meta-tasks whose test windows end (with the label's reach) before the
+  workflow's test start (Qlib's default splits the meta-tasks 62/38, which on the VN30 split would train it on
+  test days), and its first task ends ``hist_step_n * step`` days after the train start (the history each
+  meta-task needs; Qlib's default date is 2010-12-31);
+- the base model must take a ``reweighter`` in ``fit`` (Qlib's `LGBModel` does); otherwise DDG-DA's weights would
+  be dropped without a word, so the run is refused.
+"""
+from __future__ import annotations
+
+import inspect
+import pickle
+import tempfile
+import uuid
+from copy import deepcopy
+from pathlib import Path
+
+import pandas as pd
+from joblib import parallel_config
+from qlib.contrib.meta.data_selection.dataset import InternalData, MetaDatasetDS
+from qlib.contrib.meta.data_selection.model import MetaModelDS
+from qlib.contrib.rolling.ddgda import DDGDA
+from qlib.model.trainer import TrainerR
+from qlib.data.dataset.handler import DataHandlerLP
+from qlib.utils import get_callable_kwargs, init_instance_by_config
+from qlib.workflow import R
+from qlib.workflow.task.utils import replace_task_handler_with_cache
+
+from vn30_qlib.metrics import NO_SPREAD, daily_rank_ic
+from vn30_qlib.rolling.bridge import RollingError, VN30Rolling
+from vn30_qlib.workflow_config import load_workflow
+
+# fewest names a day for the meta-model's IC loss (Qlib: 50, more than VN30 has)
+LOSS_SKIP_THRESH = 10
+# MetaTaskDS refuses a meta-task whose test window holds fewer labelled days
+META_TASK_MIN_DAYS = 5
+
+
+def check_reweighting(model_config: dict) -> None:
+    """Refuse a model whose ``fit`` takes no ``reweighter``: Qlib would drop DDG-DA's weights without a word."""
+    model_class, _ = get_callable_kwargs(model_config)
+    if "reweighter" not in inspect.signature(model_class.fit).parameters:
+        raise RollingError(f"DDG-DA reweights the training days, and {model_class.__name__}.fit takes no "
+                           "reweighter: use --method rr for this workflow")
+
+
+class VN30InternalData(InternalData):
+    """Qlib's `InternalData` whose daily Rank IC of each proxy model runs under pandas 3."""
+
+    @staticmethod
+    def _calc_perf(pred: pd.Series, label: pd.Series) -> pd.Series:
+        return daily_rank_ic(pred, label)
+
+
+class VN30DDGDA(DDGDA, VN30Rolling):
+    """Qlib's `DDGDA` on the rolling tasks of `VN30Rolling` (see the module docstring for what differs).
+
+    ``hist_step_n``: the steps of proxy-model history the meta-model reads for each task (Qlib: 30);
+    ``fea_imp_n``: the proxy model reads the workflow's features LightGBM ranks first (None: all of them);
+    ``max_epoch``: the meta-model's training epochs (Qlib: 30);
+    ``meta_1st_train_end``: the train end of the first meta-task (default: the first day with ``hist_step_n``
+    steps of history after the cut before its test window).
+    """
+
+    method = "ddgda"
+
+    def __init__(self, workflow: str | Path, provider: str | Path, step: int, train_window: int | None = None,
+                 exp_name: str | None = None, hist_step_n: int = 30, meta_1st_train_end: str | None = None,
+                 alpha: float = 0.01, max_epoch: int = 30, fea_imp_n: int | None = 30):
+        check_reweighting(load_workflow(workflow, {"VN30_PROVIDER": str(provider)})["task"]["model"])
+        self.working_folder = tempfile.TemporaryDirectory(prefix="vn30_ddgda_")
+        super().__init__(workflow=workflow, provider=provider, step=step, train_window=train_window,
+                         exp_name=exp_name, sim_task_model="linear", alpha=alpha, loss_skip_thresh=LOSS_SKIP_THRESH,
+                         hist_step_n=hist_step_n, meta_1st_train_end=meta_1st_train_end, fea_imp_n=fea_imp_n,
+                         working_dir=self.working_folder.name)
+        self.max_epoch = max_epoch
+        self.meta_exp_name = f"{self.rolling_exp}_meta"
+        self.train_start = self.basic_task(enable_handler_cache=False)["dataset"]["kwargs"]["segments"]["train"][0]
+        if self.meta_1st_train_end is None:
+            # the first meta-task's train (cut horizon + 1 days before its test) holds hist_step_n steps
+            first = int(self.calendar.searchsorted(self.train_start)) + hist_step_n * step + self.horizon + 1
+            if first >= len(self.calendar):
+                raise RollingError(f"{hist_step_n} steps of {step} days of history exceed the provider's calendar")
+            self.meta_1st_train_end = f"{self.calendar[first]:%Y-%m-%d}"
+
+    def _adjust_task(self, task: dict, astype: str) -> dict:
+        """Qlib's adjustment, with the feature-importance LightGBM on the workflow's threads (Qlib: 20)."""
+        task = super()._adjust_task(task, astype)
+        if astype == "gbdt":
+            threads = self.workflow_config["task"]["model"].get("kwargs", {}).get("num_threads", 0)
+            task["model"] = deepcopy(task["model"])
+            task["model"]["kwargs"]["num_threads"] = threads
+        return task
+
+    def _dump_data_for_proxy_model(self) -> None:
+        """Qlib's proxy data (the ``fea_imp_n`` features LightGBM ranks first, z-scored per day, and the label),
+        with a feature that is constant across a day's names set to 0 on that day.
+
+        Qlib divides by the day's standard deviation, which float rounding makes exactly 0 while the deviations
+        are not (e.g. every name clipped to +3 on a limit-down day, April 2020 in the real data): +-inf, then a
+        NaN loss in the meta-model. The data goes into the proxy handler itself (Qlib: a second pickle).
+        """
+        task = self._adjust_task(self.basic_task(enable_handler_cache=False), self.sim_task_model)
+        dataset = init_instance_by_config(replace_task_handler_with_cache(task, self.working_dir)["dataset"])
+        prepared = dataset.prepare(slice(None), col_set=["feature", "label"], data_key=DataHandlerLP.DK_L)
+        features = prepared["feature"]
+        if self.fea_imp_n is not None:
+            features = features.loc[:, self._get_feature_importance().nlargest(self.fea_imp_n).index]
+        by_day = features.groupby(level="datetime")
+        spread = by_day.transform("std")
+        features = ((features - by_day.transform("mean")) / spread.where(spread > NO_SPREAD)).fillna(0.0)
+        proxy_data = pd.concat({"label": prepared["label"].reindex(features.index), "feature": features}, axis=1)
+        handler = DataHandlerLP(data_loader={"class": "qlib.data.dataset.loader.StaticDataLoader",
+                                             "kwargs": {"config": proxy_data}})
+        handler.to_pickle(self.working_dir / self.proxy_hd, dump_all=True)
+
+    def _dump_meta_ipt(self) -> None:
+        """Qlib's, with `VN30InternalData` under joblib threads and an experiment of this run."""
+        sim_task = self._adjust_task(self.basic_task(enable_handler_cache=False), astype=self.sim_task_model)
+        sim_task = replace_task_handler_with_cache(sim_task, self.working_dir)
+        internal_data = VN30InternalData(sim_task, self.step, exp_name=f"{self.rolling_exp}_proxy")
+        with parallel_config(backend="threading"):
+            internal_data.setup(trainer=TrainerR)
+        self.internal_data = internal_data
+        with self._internal_data_path.open("wb") as file:  # Qlib's get_task_list reads it back
+            pickle.dump(internal_data, file)
+
+    def _train_meta_model(self, fill_method: str = "max") -> None:
+        """Qlib's, with the proxy tasks' test end on a full step and the meta-train tasks before the test."""
+        test_start, test_end = self.test_segment
+        first_test = int(self.calendar.searchsorted(pd.Timestamp(self.meta_1st_train_end), side="right"))
+        last = int(self.calendar.searchsorted(test_end, side="right")) - 1
+        full_steps = (last - first_test + 1) // self.step
+        if full_steps < 2:
+            raise RollingError(f"DDG-DA needs two steps of {self.step} days between meta_1st_train_end "
+                               f"{self.meta_1st_train_end} and the test end {test_end:%Y-%m-%d}")
+        proxy_test_end = self.calendar[first_test + full_steps * self.step - 1]
+        # a meta-task trains the meta-model when its test labels read no close of the workflow's test
+        meta_train_before = self.calendar[int(self.calendar.searchsorted(test_start)) - self.horizon]
+        proxy_task = {
+            "dataset": {
+                "class": "qlib.data.dataset.DatasetH",
+                "kwargs": {
+                    "handler": f"file://{(self.working_dir / self.proxy_hd).absolute()}",
+                    "segments": {"train": (self.train_start, pd.Timestamp(self.meta_1st_train_end)),
+                                 "test": (self.calendar[first_test], proxy_test_end)},
+                },
+            },
+        }
+        kwargs = dict(task_tpl=proxy_task, step=self.step, segments=f"{meta_train_before:%Y-%m-%d}",
+                      trunc_days=1 + self.horizon, hist_step_n=self.hist_step_n, fill_method=fill_method,
+                      rolling_ext_days=0)
+        meta_dataset = MetaDatasetDS(exp_name=self.internal_data, **kwargs)
+        with R.start(experiment_name=self.meta_exp_name):
+            R.log_params(**kwargs)
+            meta_model = MetaModelDS(step=self.step, hist_step_n=self.hist_step_n, lr=0.001, max_epoch=self.max_epoch,
+                                     seed=43, alpha=self.alpha, loss_skip_thresh=self.loss_skip_thresh)
+            meta_model.fit(meta_dataset)
+            R.save_objects(model=meta_model)
+
+    def get_task_list(self) -> list[dict]:
+        """Qlib's meta-model inference on the rolling tasks; every task must come back with its weights."""
+        tasks = super().get_task_list()
+        if len(tasks) != self.task_count:
+            raise RollingError(f"DDG-DA weighted {len(tasks)} of {self.task_count} rolling tasks: the others lack "
+                               f"{self.hist_step_n} steps of proxy history (lower hist_step_n)")
+        return tasks
+
+    def run(self):
+        """Qlib's DDG-DA run (proxy data, proxy models, meta-model, weighted rolling tasks); returns the recorder of
+        the joined results."""
+        try:
+            super().run()
+        finally:
+            self.working_folder.cleanup()
+        return R.get_recorder(experiment_name=self.exp_name, recorder_id=self._rid)
