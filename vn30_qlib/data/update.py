@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from vn30_qlib.data.ingest import (INDEX_SYMBOL, IngestOptions, finish_cleaning, locate_exports, options_report,
                                    read_and_clean, stock_calendar, symbol_report)
-from vn30_qlib.data.provider import (BAR_FIELDS, FIELDS, IngestError, check_out_dir, derive_fields, is_vn30_provider,
+from vn30_qlib.data.provider import (BAR_FIELDS, IngestError, check_out_dir, derive_fields, is_vn30_provider,
                                      read_calendar, read_features, read_instruments, recover_interrupted_swap,
                                      write_provider)
 
@@ -109,37 +110,44 @@ def update(
 def _merge(symbol: str, held: pd.DataFrame | None, export: pd.DataFrame | None,
            path: Path | None) -> tuple[pd.DataFrame, dict]:
     """The symbol's bars after the update (the stored fields of the days kept as stored, `BAR_FIELDS` of
-    the days taken from the export, derived fields where known) and what happened to it."""
+    the days taken from the export, derived fields where known) and what happened to it.
+
+    Days are compared as sorted datetime64 arrays: pandas' label alignment costs more than the comparison.
+    """
     if export is None:
         return held, {"status": "not_in_export", "last_day": f"{held.index[-1]:%Y-%m-%d}"}
-    bars = export.loc[:, list(BAR_FIELDS)]
     if held is None:
-        return bars, {"status": "new", "days": len(bars), "first_day": f"{bars.index[0]:%Y-%m-%d}"}
-    start, held_last = export.index[0], held.index[-1]
-    window = held.loc[held.index >= start]
-    overlap = window.index.intersection(export.index)
-    only_held = window.index.difference(export.index)
-    only_export = export.index[export.index <= held_last].difference(window.index)
-    exported = export[list(BAR_FIELDS)].to_numpy("<f4")[export.index.get_indexer(overlap)]
-    stored = window[list(BAR_FIELDS)].to_numpy("<f4")[window.index.get_indexer(overlap)]
-    differing = overlap[~(exported == stored).all(axis=1)]
-    if len(differing) or len(only_held) or len(only_export):
-        change = _rebuilt(export, window, differing, only_held, only_export)
+        return export, {"status": "new", "days": len(export), "first_day": f"{export.index[0]:%Y-%m-%d}"}
+    export_days, held_days = export.index.to_numpy(), held.index.to_numpy()
+    start = export.index[0]
+    first_kept = int(np.searchsorted(held_days, export_days[0]))  # the held days from the export's first one
+    window_days = held_days[first_kept:]
+    overlap, in_export, in_window = np.intersect1d(export_days, window_days, assume_unique=True, return_indices=True)
+    only_held = np.setdiff1d(window_days, export_days, assume_unique=True)
+    first_new = int(np.searchsorted(export_days, held_days[-1], side="right"))
+    only_export = np.setdiff1d(export_days[:first_new], window_days, assume_unique=True)
+    differs = np.zeros(len(overlap), dtype=bool)
+    for field in BAR_FIELDS:
+        exported = export[field].to_numpy().astype("<f4")[in_export]
+        stored = held[field].to_numpy()[first_kept:].astype("<f4")[in_window]
+        differs |= exported != stored
+    if differs.any() or len(only_held) or len(only_export):
+        change = _rebuilt(export, held.iloc[first_kept:], pd.DatetimeIndex(overlap[differs]),
+                          pd.DatetimeIndex(only_held), pd.DatetimeIndex(only_export))
         if start > held.index[0]:
             raise IngestError(
                 f"{path}: the bars of {symbol} differ from the provider's ({_describe(change)}), but the file "
                 f"starts {start:%Y-%m-%d}, after the provider's first day {held.index[0]:%Y-%m-%d}: export the "
                 "symbol's full history so that it can be rebuilt")
-        return bars, change
+        return export, change
     # the new days' derived fields, each change from the export's own previous close where it has one
-    first_new = int(export.index.searchsorted(held_last, side="right"))
     appended = derive_fields(export.iloc[max(first_new - 1, 0):]).iloc[min(first_new, 1):]
     change = {"status": "appended" if len(appended) else "unchanged", "days": len(appended)}
     if len(appended):
         change["last_day"] = f"{appended.index[-1]:%Y-%m-%d}"
-    if start > held.index[0]:
-        change["rows_from_provider"] = int((held.index < start).sum())
-    return pd.concat([held.loc[:, list(FIELDS)], appended]), change
+    if first_kept:
+        change["rows_from_provider"] = first_kept
+    return pd.concat([held, appended]) if len(appended) else held, change
 
 
 def _rebuilt(export: pd.DataFrame, window: pd.DataFrame, differing: pd.DatetimeIndex, only_held: pd.DatetimeIndex,
