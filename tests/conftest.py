@@ -2,12 +2,19 @@
 the tests share."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-import pytest
-import torch
+# Under pytest-xdist (`-n 2`, the README's command) the workers share the cores: one thread each, set before torch
+# is imported, keeps each fit (and the qrun/loop processes a test starts, which inherit it) from spinning OpenMP
+# threads against the other worker's (BENCHMARKS.md: two fits on all cores ran 3.4x slower each).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 SHARED_VN30 = Path(__file__).resolve().parents[2] / "shared" / "data" / "vn30"
 
@@ -60,6 +67,18 @@ def built_kernels():
     if kernels is None:
         pytest.skip(f"the CPU kernels did not build on {sys.platform}: {cpu_kernels.build_error()}")
     return kernels
+
+
+# Eight Alpha158 features, the simulator's planted K-bar ones among them: Qlib computes them in a tenth of the time
+# of all 158, for the tests of the loop, store and CLI, which are not about the feature set.
+FEW_FEATURES = ("    dataset:\n        kwargs:\n            handler:\n                kwargs:\n                    features: "
+                "[KMID, KLEN, KUP, KLOW, KSFT, ROC5, STD20, VSTD5]\n")
+
+
+def small_lgb_workflow(folder: Path, rounds: int = 30) -> Path:
+    """lgb_vn30.yaml with ``rounds`` boosting rounds on `FEW_FEATURES`: a user's small variant."""
+    return write_workflow(folder, "lgb_vn30.yaml",
+                          {"            loss: mse\n": f"            loss: mse\n            num_boost_round: {rounds}\n"}, FEW_FEATURES)
 
 
 def write_workflow(folder: Path, name: str, replace: dict[str, str] | None = None, append: str = "") -> Path:

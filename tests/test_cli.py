@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_qrun, write_workflow
+from conftest import REPO, run_qrun, small_lgb_workflow
 from vn30_qlib.cli import build_parser, main
 
 
@@ -33,7 +33,8 @@ def sub_commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str,
 
 def test_every_option_has_help_that_names_its_default(capsys):
     commands = sub_commands(build_parser())
-    assert set(commands) == {"data ingest", "data simulate", "data check", "loop", "report", "tune", "validate"}
+    assert set(commands) == {"data ingest", "data simulate", "data check", "data update", "loop", "report", "tune",
+                             "validate", "predict", "rolling"}
     for command, parser in commands.items():
         with pytest.raises(SystemExit) as exit_info:
             main([*command.split(), "--help"])
@@ -99,8 +100,7 @@ def small_store(sim_provider, tmp_path_factory) -> Path:
     from vn30_qlib.loop import run_loop
 
     folder = tmp_path_factory.mktemp("cli")
-    workflow = write_workflow(folder / "wf", "lgb_vn30.yaml",
-                              {"            loss: mse\n": "            loss: mse\n            num_boost_round: 30\n"})
+    workflow = small_lgb_workflow(folder / "wf")
     store_root = folder / "models"
     results = run_loop([workflow], sim_provider(0.1), store_root, symbols=["ACB"], jobs=1, progress=False)
     assert {r["status"] for r in results} == {"done"}

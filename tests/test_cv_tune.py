@@ -12,8 +12,8 @@ import optuna
 import pandas as pd
 import pytest
 
-from conftest import write_workflow
-from vn30_qlib.cv import Fold, cross_validate, folds_for, walk_forward_folds
+from conftest import small_lgb_workflow
+from vn30_qlib.cv import cross_validate, folds_for, walk_forward_folds
 from vn30_qlib.loop import init_qlib_for
 from vn30_qlib.workflow_config import load_workflow
 
@@ -46,9 +46,7 @@ def test_folds_do_not_overlap_keep_the_gap_and_never_reach_the_test_segment(sche
 def small_search(tmp_path_factory) -> Path:
     """A LightGBM workflow on 8 features, 40 rounds, with a small search space beside it."""
     folder = tmp_path_factory.mktemp("search")
-    write_workflow(folder, "lgb_vn30.yaml", {"            loss: mse\n": "            loss: mse\n            num_boost_round: 40\n"},
-                   "    dataset:\n        kwargs:\n            handler:\n                kwargs:\n                    features: "
-                   "[KMID, KLEN, KUP, KLOW, KSFT, ROC5, STD20, VSTD5]\n")
+    small_lgb_workflow(folder, rounds=40)
     (folder / "lgb_vn30.search.yaml").write_text(
         "objective: rank_ic\nn_trials: 5\nseed: 0\npruner_startup_trials: 10\n"
         "folds: {n_folds: 2, valid_days: 120, scheme: expanding}\n"

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vn30_qlib.models import cpu_kernels
 from vn30_qlib.models.elu import elu
 
 pytestmark = pytest.mark.usefixtures("built_kernels")  # on Linux with a compiler, a failed build fails

@@ -13,7 +13,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from conftest import write_workflow
+from conftest import small_lgb_workflow, write_workflow
 from vn30_qlib import store
 from vn30_qlib.executors import WorkerCannotSee, missing_paths, run_calls
 from vn30_qlib.loop import LoopEntry, create_tracking_store, fit_entry, run_loop
@@ -45,7 +45,7 @@ class KillerModel(Model):
 def two_models(tmp_path_factory) -> list[Path]:
     """Small LightGBM and LSTM variants of the shipped workflows."""
     folder = tmp_path_factory.mktemp("ray_wf")
-    lgb = write_workflow(folder, "lgb_vn30.yaml", {"            loss: mse\n": "            loss: mse\n            num_boost_round: 30\n"})
+    lgb = small_lgb_workflow(folder)
     lstm = write_workflow(folder, "lstm_vn30.yaml", {"{{ LSTM_EPOCHS | default(100, true) }}": "2",
                                                       "hidden_size: 64": "hidden_size: 16"})
     return [lgb, lstm]

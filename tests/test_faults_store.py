@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, write_workflow
+from conftest import REPO, small_lgb_workflow, write_workflow
 from vn30_qlib import store
 from vn30_qlib.cli import main
 from vn30_qlib.loop import run_loop
@@ -39,8 +39,7 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 def workflows(tmp_path_factory) -> list[Path]:
     """A 30-round LightGBM and a 2-epoch, 16-unit LSTM on one thread: a user's small variants."""
     folder = tmp_path_factory.mktemp("wf")
-    lgb = write_workflow(folder, "lgb_vn30.yaml",
-                         {"            loss: mse\n": "            loss: mse\n            num_boost_round: 30\n"})
+    lgb = small_lgb_workflow(folder)
     lstm = write_workflow(folder, "lstm_vn30.yaml", {"{{ LSTM_EPOCHS | default(100, true) }}": "2",
                                                       "{{ LSTM_THREADS | default(\"auto\", true) }}": "1",
                                                       "hidden_size: 64": "hidden_size: 16"})

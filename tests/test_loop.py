@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-from conftest import write_workflow
+from conftest import small_lgb_workflow, write_workflow
 from vn30_qlib import store
 from vn30_qlib.loop import adapt_task, run_loop
 from vn30_qlib.report import BEATS_T, build_report, paired_comparisons, tuned_vs_default, verdict
@@ -27,8 +26,7 @@ SYMBOLS = ["ACB", "FPT"]
 @pytest.fixture(scope="module")
 def small_workflow(tmp_path_factory) -> Path:
     """lgb_vn30.yaml with fewer boosting rounds (a user's own workflow on the same base)."""
-    return write_workflow(tmp_path_factory.mktemp("wf"), "lgb_vn30.yaml",
-                          {"            loss: mse\n": "            loss: mse\n            num_boost_round: 30\n"})
+    return small_lgb_workflow(tmp_path_factory.mktemp("wf"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from vn30_qlib.models import cpu_kernels
 from vn30_qlib.models.lstm_layer import kernel_runs, lstm_layer
 
 pytestmark = pytest.mark.usefixtures("built_kernels")  # on Linux with a compiler, a failed build fails

@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import same_on_one_and_two_threads
 
-from vn30_qlib.models import cpu_kernels
 from vn30_qlib.models.numeric_embedding import numeric_embedding
 
 pytestmark = pytest.mark.usefixtures("built_kernels")  # on Linux with a compiler, a failed build fails

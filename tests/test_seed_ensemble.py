@@ -21,15 +21,14 @@ def test_the_ensemble_is_the_mean_of_its_members_fitted_alone(sim_provider, tmp_
     config = {**TFT_CONFIG, "kwargs": {**SMALL, "checkpoint_dir": str(tmp_path / "checkpoints")}}
     ensemble = SeedEnsemble(config, seeds=[0, 1])
     ensemble.fit(data)
-    alone = []
-    for seed in (0, 1):
-        member = TFT(**SMALL, seed=seed)
-        member.fit(data)
-        alone.append(member.predict(data))
-    assert not np.allclose(alone[0], alone[1])  # each member got its own seed
+    members = [member.predict(data) for member in ensemble.members]
+    assert not np.allclose(members[0], members[1])  # each member got its own seed
+    alone = TFT(**SMALL, seed=1)  # the second member, fitted on its own: the ensemble passed it nothing else
+    alone.fit(data)
+    np.testing.assert_array_equal(members[1].to_numpy(), alone.predict(data).to_numpy())
     predicted = ensemble.predict(data)
-    pd.testing.assert_index_equal(predicted.index, alone[0].index)
-    np.testing.assert_allclose(predicted.to_numpy(), (alone[0] + alone[1]).to_numpy() / 2, rtol=1e-6, atol=1e-7)
+    pd.testing.assert_index_equal(predicted.index, members[0].index)
+    np.testing.assert_allclose(predicted.to_numpy(), (members[0] + members[1]).to_numpy() / 2, rtol=1e-6, atol=1e-7)
     assert rank_ic(ensemble, data) > 0.05  # the planted signal, as each member finds it
     # one checkpoint folder per member, and the pickle predicts the same
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["seed0", "seed1"]

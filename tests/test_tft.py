@@ -178,11 +178,11 @@ def test_calendar_features_around_tet_2023():
     assert static_codes(["ACB"])[0, 1] == static_codes(["VCB"])[0, 1]  # both banks
 
 
-def dataset(provider, horizons: int = 1) -> DatasetH:
+def dataset(provider, horizons: int = 1, segments: dict = SEGMENTS) -> DatasetH:
     init_qlib(provider)
     handler = VN30TFT(start_time="2018-10-01", end_time="2023-08-31", fit_start_time="2019-01-01",
                       fit_end_time="2020-12-31", horizons=horizons)
-    return DatasetH(handler, segments=SEGMENTS)
+    return DatasetH(handler, segments=segments)
 
 
 def test_handler_labels_one_column_per_horizon(sim_provider):
