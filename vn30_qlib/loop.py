@@ -8,8 +8,9 @@ model config nested in them (a `SeedEnsemble`'s members), and merges the model's
 parameters suited to one symbol's ~1.5k rows) into its kwargs. Pooled mode fits the workflow as is (without
 ``per_symbol_kwargs``) and evaluates it per symbol. With seeds, each (model, mode, symbol) is fitted once per
 seed: the model's ``seed`` kwarg (an ensemble's ``seeds``: the seed-th block of as many members) and its own
-store entry ``{model}.seed{seed}``. Each fit is one Qlib recorder run (experiment ``vn30_loop``) tagged with
-symbol, model, mode and config hash, and one version in the model store (`vn30_qlib.store`).
+store entry ``{model}.seed{seed}``. A `ModelEnsemble` (z-scores across the day's names) is pooled only. Each fit
+is one Qlib recorder run (experiment ``vn30_loop``) tagged with symbol, model, mode and config hash, and one
+version in the model store (`vn30_qlib.store`).
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ from vn30_qlib.metrics import cross_sectional_metrics, time_series_metrics
 
 EXPERIMENT = "vn30_loop"
 CROSS_SECTIONAL_LABEL_PROCESSORS = {"CSZScoreNorm", "CSRankNorm", "CrossSectionalZScore"}
+# models that combine scores across the day's names, which one name a day cannot give: no per-symbol mode
+CROSS_SECTIONAL_MODELS = {"ModelEnsemble"}
 # model kwarg: (cross-sectional value, its per-symbol replacement)
 CROSS_SECTIONAL_MODEL_KWARGS = {"metric": ("ic", "loss"), "loss": ("ic", "mse")}
 PACKAGES = ("pyqlib", "torch", "lightgbm", "pandas", "numpy", "mlflow", "vn30-qlib")
@@ -125,6 +128,9 @@ def adapt_task(task: dict, mode: str, symbol: str | None, seed: int | None = Non
         return task
     if mode != "per_symbol":
         raise ValueError(f"unknown mode {mode!r}: use 'per_symbol' or 'pooled'")
+    if task["model"].get("class") in CROSS_SECTIONAL_MODELS:
+        raise ValueError(f"{task['model']['class']} z-scores its members' scores across each day's names, and one "
+                         "name a day has no spread: it has no per-symbol mode; fit it pooled (--modes pooled)")
     handler = task["dataset"]["kwargs"]["handler"]["kwargs"]
     handler["instruments"] = [symbol]
     learn = handler.get("learn_processors") or _default_learn_processors(task)

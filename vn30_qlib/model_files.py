@@ -4,6 +4,8 @@
 - `LSTM`, `TFT`: the network's ``state_dict`` as ``weights.pt`` (with the TFT's fitted arrays), read with
   ``torch.load(weights_only=True)``, and the plain fitted state (names, flags, history) as ``fitted.json``.
 - `SeedEnsemble`: one such folder per member, ``seed{s}/``.
+- `ModelEnsemble`: one such folder per member it kept, ``{name}/``, and ``ensemble.json`` naming them with every
+  member's valid Rank IC.
 
 Reading builds the model from its stored config (Qlib's ``init_instance_by_config``) and sets the fitted state
 back. Any other model class is refused when writing: there is no pickle fallback.
@@ -21,22 +23,29 @@ from qlib.contrib.model.gbdt import LGBModel
 from qlib.utils import init_instance_by_config
 
 from vn30_qlib.models.lstm import LSTM
+from vn30_qlib.models.model_ensemble import ModelEnsemble
 from vn30_qlib.models.seed_ensemble import SeedEnsemble
 from vn30_qlib.models.tft import TFT
 from vn30_qlib.store import StoreError, read_file
 
-SUPPORTED = "LightGBM's LGBModel, vn30_qlib's LSTM and TFT, and SeedEnsembles of these"
+SUPPORTED = "LightGBM's LGBModel, vn30_qlib's LSTM and TFT, and SeedEnsembles and ModelEnsembles of these"
+ENSEMBLE_FILE = "ensemble.json"
 
 
 def write_model(model: Any, folder: Path) -> None:
     """Write a fitted ``model`` into the new folder ``folder``; `StoreError` for a class the store cannot keep."""
-    if not isinstance(model, (SeedEnsemble, LGBModel, LSTM, TFT)):
+    if not isinstance(model, (SeedEnsemble, ModelEnsemble, LGBModel, LSTM, TFT)):
         raise StoreError(f"cannot store a {type(model).__module__}.{type(model).__name__}: the store keeps only "
                          f"models it can rebuild without unpickling ({SUPPORTED})")
     folder.mkdir()
     if isinstance(model, SeedEnsemble):
         for seed, member in zip(model.seeds, model.members):
             write_model(member, folder / f"seed{seed}")
+    elif isinstance(model, ModelEnsemble):
+        for name, member in model.fitted_members.items():
+            write_model(member, folder / name)
+        (folder / ENSEMBLE_FILE).write_text(json.dumps({"kept": list(model.fitted_members),
+                                                        "valid_rank_ic": model.valid_rank_ic}))
     elif isinstance(model, LGBModel):
         (folder / "model.txt").write_text(model.model.model_to_string())
     else:
@@ -63,6 +72,15 @@ def _restore(model: Any, folder: Path) -> Any:
     if isinstance(model, SeedEnsemble):
         # the members are built as the ensemble's fit builds them (its seed, its checkpoint folder)
         model.members = [_restore(model._member(seed), folder / f"seed{seed}") for seed in model.seeds]
+    elif isinstance(model, ModelEnsemble):
+        fitted = read_file(folder / ENSEMBLE_FILE, lambda p: json.loads(p.read_text()), "JSON")
+        kept = fitted.get("kept") if isinstance(fitted, dict) else None
+        if not (isinstance(kept, list) and kept and all(isinstance(name, str) and name in model.members
+                                                            for name in kept) and len(set(kept)) == len(kept)):
+            raise StoreError(f"{folder / ENSEMBLE_FILE}: 'kept' must list distinct members of the ensemble its "
+                             f"config.yaml builds ({list(model.members)}), got {kept!r}")
+        model.fitted_members = {name: _restore(model._member(name), folder / name) for name in kept}
+        model.valid_rank_ic = fitted.get("valid_rank_ic", {})
     elif isinstance(model, LGBModel):
         model.model = read_file(folder / "model.txt", _read_booster, "a LightGBM text model")
     elif isinstance(model, (LSTM, TFT)):
