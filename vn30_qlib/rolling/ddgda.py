@@ -15,15 +15,15 @@ pandas 3, LightGBM 4 and 30 names a day; each trap has its adapter here:
   run's proxy models; here every internal experiment is named after the run;
 - Qlib writes its intermediate files (handler caches, proxy data, internal data, tasks) to a working folder:
   here a temporary folder of the run, removed after it;
-- the proxy data z-scores each feature per day by dividing by the day's standard deviation, which float
-  rounding can make exactly 0 while the deviations are not (every name clipped to the same value on a
-  limit-down day): +-inf, a NaN loss in the meta-model. A feature constant on a day is 0 on that day here;
+- the proxy data z-scores each feature per day; a feature equal for every name on a day (IMIN5 on a
+  market-wide fall) has a standard deviation of exactly 0 while its float32 mean rounds away from the common
+  value: +-inf, then ``AssertionError: NaN loss!`` in the meta-model. Such a feature is 0 on that day here;
 - ``MetaTaskDS`` asserts that each meta-task's test window holds at least 5 labelled days (a bare
   ``AssertionError``, not the ``ValueError`` `MetaDatasetDS` skips). The proxy tasks roll ``step`` days at a
-  time from ``meta_1st_train_end`` to the test end, so the last window holds the remainder of that division,
-  and the proxy data drops the last ``reach`` days (no label): with fewer than 5 days left it fails. The proxy
-  tasks' test end is moved back to the end of the last full window (those tasks only report the meta-model's
-  test loss; they never train it);
+  time from ``meta_1st_train_end`` to the test end, so the last window holds the remainder of that division:
+  1 to 4 days fail (reproduced with step 60, meta_1st_train_end 2020-06-01 and test end 2024-09-26: 3 days).
+  The proxy tasks' test end is moved back to the end of the last full window (those tasks only report the
+  meta-model's test loss; they never train it), and a step under 5 days is refused;
 - the meta-model trains on the meta-tasks whose test windows end (with the label's reach) before the
   workflow's test start (Qlib's default splits the meta-tasks 62/38, which on the VN30 split would train it on
   test days), and its first task ends ``hist_step_n * step`` days after the train start (the history each
@@ -36,7 +36,6 @@ from __future__ import annotations
 import inspect
 import pickle
 import tempfile
-import uuid
 from copy import deepcopy
 from pathlib import Path
 
@@ -45,8 +44,8 @@ from joblib import parallel_config
 from qlib.contrib.meta.data_selection.dataset import InternalData, MetaDatasetDS
 from qlib.contrib.meta.data_selection.model import MetaModelDS
 from qlib.contrib.rolling.ddgda import DDGDA
-from qlib.model.trainer import TrainerR
 from qlib.data.dataset.handler import DataHandlerLP
+from qlib.model.trainer import TrainerR
 from qlib.utils import get_callable_kwargs, init_instance_by_config
 from qlib.workflow import R
 from qlib.workflow.task.utils import replace_task_handler_with_cache
@@ -93,6 +92,9 @@ class VN30DDGDA(DDGDA, VN30Rolling):
                  exp_name: str | None = None, hist_step_n: int = 30, meta_1st_train_end: str | None = None,
                  alpha: float = 0.01, max_epoch: int = 30, fea_imp_n: int | None = 30):
         check_reweighting(load_workflow(workflow, {"VN30_PROVIDER": str(provider)})["task"]["model"])
+        if step < META_TASK_MIN_DAYS:
+            raise RollingError(f"DDG-DA needs a step of {META_TASK_MIN_DAYS} trading days or more (Qlib's meta-tasks "
+                               f"test on one step each and refuse fewer days), got {step}")
         self.working_folder = tempfile.TemporaryDirectory(prefix="vn30_ddgda_")
         super().__init__(workflow=workflow, provider=provider, step=step, train_window=train_window,
                          exp_name=exp_name, sim_task_model="linear", alpha=alpha, loss_skip_thresh=LOSS_SKIP_THRESH,
@@ -121,9 +123,10 @@ class VN30DDGDA(DDGDA, VN30Rolling):
         """Qlib's proxy data (the ``fea_imp_n`` features LightGBM ranks first, z-scored per day, and the label),
         with a feature that is constant across a day's names set to 0 on that day.
 
-        Qlib divides by the day's standard deviation, which float rounding makes exactly 0 while the deviations
-        are not (e.g. every name clipped to +3 on a limit-down day, April 2020 in the real data): +-inf, then a
-        NaN loss in the meta-model. The data goes into the proxy handler itself (Qlib: a second pickle).
+        Qlib divides by the day's standard deviation. A feature equal for every name on a day (IMIN5, the day of
+        the 5-day low, on a market-wide fall: 459 values on the real data, e.g. 2020-04-08) has a standard
+        deviation of exactly 0 while its float32 mean rounds away from the common value: +-inf, then a NaN loss
+        in the meta-model. The data goes into the proxy handler itself (Qlib: a second pickle).
         """
         task = self._adjust_task(self.basic_task(enable_handler_cache=False), self.sim_task_model)
         dataset = init_instance_by_config(replace_task_handler_with_cache(task, self.working_dir)["dataset"])
