@@ -283,6 +283,7 @@ def exit_code(argv: list[str]) -> int:
     (["--step", "20", "--provider", "no_provider"], "no_provider: not a Qlib provider (calendars/day.txt missing)"),
     (["--workflow", str(REPO / "workflows" / "lstm_vn30.yaml"), "--step", "20", "--method", "ddgda"],
      "error: DDG-DA reweights the training days, and LSTM.fit takes no reweighter: use --method rr"),
+    (["--step", "4", "--method", "ddgda"], "error: DDG-DA needs a step of 5 trading days or more"),
 ])
 def test_bad_rolling_input_exits_2_naming_the_problem_and_writes_nothing(arguments, message, sim_provider, tmp_path,
                                                                        monkeypatch, capsys):

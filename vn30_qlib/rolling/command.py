@@ -101,9 +101,9 @@ def run_rolling(workflow: str | Path, provider: str | Path | None, step: int, me
     provider = Path(provider if provider is not None else qlib_init.get("provider_uri", "")).expanduser()
     require_inputs([workflow], provider)
     if method == "ddgda":
-        from vn30_qlib.rolling.ddgda import check_reweighting
+        from vn30_qlib.rolling.ddgda import check_ddgda_input
 
-        check_reweighting(config["task"]["model"])
+        check_ddgda_input(config["task"]["model"], step)
     qlib_init["provider_uri"] = str(provider)
     if tracking_uri is not None:
         qlib_init["exp_manager"] = {"class": "MLflowExpManager", "module_path": "qlib.workflow.expm",

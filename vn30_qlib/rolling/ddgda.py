@@ -60,12 +60,16 @@ LOSS_SKIP_THRESH = 10
 META_TASK_MIN_DAYS = 5
 
 
-def check_reweighting(model_config: dict) -> None:
-    """Refuse a model whose ``fit`` takes no ``reweighter``: Qlib would drop DDG-DA's weights without a word."""
+def check_ddgda_input(model_config: dict, step: int) -> None:
+    """Refuse a model whose ``fit`` takes no ``reweighter`` (Qlib would drop DDG-DA's weights without a word) and
+    a step under `META_TASK_MIN_DAYS` (every meta-task would fail Qlib's assertion)."""
     model_class, _ = get_callable_kwargs(model_config)
     if "reweighter" not in inspect.signature(model_class.fit).parameters:
         raise RollingError(f"DDG-DA reweights the training days, and {model_class.__name__}.fit takes no "
                            "reweighter: use --method rr for this workflow")
+    if step < META_TASK_MIN_DAYS:
+        raise RollingError(f"DDG-DA needs a step of {META_TASK_MIN_DAYS} trading days or more (Qlib's meta-tasks "
+                           f"test on one step each and refuse fewer days), got {step}")
 
 
 class VN30InternalData(InternalData):
@@ -91,10 +95,7 @@ class VN30DDGDA(DDGDA, VN30Rolling):
     def __init__(self, workflow: str | Path, provider: str | Path, step: int, train_window: int | None = None,
                  exp_name: str | None = None, hist_step_n: int = 30, meta_1st_train_end: str | None = None,
                  alpha: float = 0.01, max_epoch: int = 30, fea_imp_n: int | None = 30):
-        check_reweighting(load_workflow(workflow, {"VN30_PROVIDER": str(provider)})["task"]["model"])
-        if step < META_TASK_MIN_DAYS:
-            raise RollingError(f"DDG-DA needs a step of {META_TASK_MIN_DAYS} trading days or more (Qlib's meta-tasks "
-                               f"test on one step each and refuse fewer days), got {step}")
+        check_ddgda_input(load_workflow(workflow, {"VN30_PROVIDER": str(provider)})["task"]["model"], step)
         self.working_folder = tempfile.TemporaryDirectory(prefix="vn30_ddgda_")
         super().__init__(workflow=workflow, provider=provider, step=step, train_window=train_window,
                          exp_name=exp_name, sim_task_model="linear", alpha=alpha, loss_skip_thresh=LOSS_SKIP_THRESH,
