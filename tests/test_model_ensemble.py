@@ -113,6 +113,16 @@ def test_prediction_is_the_weighted_mean_of_the_members_daily_zscores(fitted_run
     assert {"lstm/valid_ic", "lstm/train_loss", "lgb/valid_rank_ic", "flat/kept"} <= set(logged)
 
 
+def test_member_handlers_load_once_per_workflow_handler(fitted, data):
+    """Rolling retraining builds one ensemble per task, all on one workflow handler: each member handler loads once,
+    and each task's member dataset has that task's segments."""
+    fitted_on = fitted._datasets(data, ["lstm"])["lstm"]
+    next_task = DatasetH(data.handler, {**SEGMENTS, "test": ("2022-07-01", "2022-12-28")})
+    again = ModelEnsemble({"lgb": LGB, "lstm": LSTM})._datasets(next_task, ["lgb", "lstm"])
+    assert again["lgb"] is next_task and again["lstm"].handler is fitted_on.handler
+    assert again["lstm"].segments == next_task.segments != fitted_on.segments
+
+
 def test_a_day_with_one_name_or_no_spread_gives_zero_not_nan():
     index = pd.MultiIndex.from_tuples([("2022-01-03", "A"), ("2022-01-03", "B"), ("2022-01-03", "C"),
                                        ("2022-01-04", "A"), ("2022-01-05", "A"), ("2022-01-05", "B")],

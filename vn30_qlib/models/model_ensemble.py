@@ -12,15 +12,17 @@ weigh more), both silently, and it takes no weights; `daily_zscores` states what
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
+import weakref
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import pandas as pd
 from qlib.data.dataset import DatasetH
-from qlib.data.dataset.handler import DataHandlerLP
+from qlib.data.dataset.handler import DataHandler, DataHandlerLP
 from qlib.log import get_module_logger
 from qlib.model.base import Model
 from qlib.utils import init_instance_by_config
@@ -36,6 +38,10 @@ SHARED_HANDLER_KWARGS = ("instruments", "start_time", "end_time")
 MEMBER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # a member's name is its folder in the model store
 
 logger = get_module_logger("ModelEnsemble")
+# The members' own handlers, loaded once per workflow handler (the key) and member handler config: qrun's fit and
+# its records' predict share them, and so do the ensembles of rolling retraining, whose tasks share one workflow
+# handler (`vn30_qlib.rolling`); they go when the workflow handler does.
+_member_handlers: weakref.WeakKeyDictionary[DataHandler, dict[str, DataHandler]] = weakref.WeakKeyDictionary()
 
 
 def daily_zscores(scores: pd.DataFrame) -> pd.DataFrame:
@@ -89,10 +95,6 @@ class ModelEnsemble(Model):
             self._member(name)
         self.fitted_members: dict[str, Model] = {}
         self.valid_rank_ic: dict[str, float | None] = {}
-
-    # the members' datasets for one workflow dataset: (that dataset, its segments, name -> dataset); a leading
-    # underscore keeps them out of the pickle qrun saves (Qlib's Serializable)
-    _member_data: tuple[DatasetH, dict, dict[str, DatasetH]] | None = None
 
     def fit(self, dataset: DatasetH, **kwargs) -> None:
         datasets = self._datasets(dataset, list(self.members))
@@ -152,23 +154,23 @@ class ModelEnsemble(Model):
             raise TypeError(f"ModelEnsemble: member {name!r}: {error}") from error
 
     def _datasets(self, dataset: DatasetH, names: list[str]) -> dict[str, DatasetH]:
-        """The dataset of each member of ``names``: ``dataset`` itself, or one of the member's handler (each built
-        once per workflow dataset and segments: fit and the records' predict share them)."""
-        if self._member_data is None or self._member_data[0] is not dataset or self._member_data[1] != dataset.segments:
-            self._member_data = (dataset, dict(dataset.segments), {})
-        built = self._member_data[2]
-        shared = {key: getattr(dataset.handler, key) for key in SHARED_HANDLER_KWARGS}
+        """The dataset of each member of ``names``: ``dataset`` itself, or the workflow dataset's class with its
+        segments on the member's handler (loaded once per workflow handler, `_member_handlers`)."""
+        datasets = {}
         for name in names:
-            if name in built:
-                continue
             if "handler" not in self.members[name]:
-                built[name] = dataset
+                datasets[name] = dataset
                 continue
-            handler_config = copy.deepcopy(self.members[name]["handler"])
-            handler_config["kwargs"] = {**(handler_config.get("kwargs") or {}), **shared}
-            built[name] = type(dataset)(handler=handler_config, segments=dict(dataset.segments),
-                                        fetch_kwargs=dataset.fetch_kwargs)
-        return {name: built[name] for name in names}
+            config = copy.deepcopy(self.members[name]["handler"])
+            config["kwargs"] = {**(config.get("kwargs") or {}),
+                                **{key: getattr(dataset.handler, key) for key in SHARED_HANDLER_KWARGS}}
+            loaded = _member_handlers.setdefault(dataset.handler, {})
+            key = json.dumps(config, sort_keys=True, default=str)
+            if key not in loaded:
+                loaded[key] = init_instance_by_config(config, accept_types=DataHandler)
+            datasets[name] = type(dataset)(handler=loaded[key], segments=dict(dataset.segments),
+                                           fetch_kwargs=dataset.fetch_kwargs)
+        return datasets
 
     def _log_selection(self, kept: list[str]) -> None:
         for name, ic in self.valid_rank_ic.items():
