@@ -93,7 +93,7 @@ def zscored(score: pd.Series) -> pd.Series:
     return pd.concat(days)
 
 
-def test_prediction_is_the_weighted_mean_of_the_members_daily_zscores(fitted_run, data):
+def test_prediction_is_the_weighted_mean_of_the_members_daily_zscores(fitted_run, data, caplog):
     fitted, logged = fitted_run
     lstm_data = DatasetH(VN30Alpha158(features=LSTM_FEATURES, **SPAN), SEGMENTS)  # the LSTM member's data, rebuilt
     members = {"lgb": fitted.fitted_members["lgb"].predict(data), "flat": fitted.fitted_members["flat"].predict(data),
@@ -107,6 +107,9 @@ def test_prediction_is_the_weighted_mean_of_the_members_daily_zscores(fitted_run
     predicted = fitted.predict(data)
     pd.testing.assert_index_equal(predicted.index, members["lgb"].index)
     assert np.isfinite(predicted).all()
+    days = predicted.index.get_level_values("datetime").nunique()
+    assert f"member flat: no spread across the names on {days} of {days} days of segment 'test'" in caplog.text
+    assert "member lgb: no spread" not in caplog.text
     np.testing.assert_allclose(predicted.to_numpy(), expected.reindex(predicted.index).to_numpy(), atol=1e-12)
     label = data.prepare("test", col_set="label").iloc[:, 0]
     assert cross_sectional_metrics(predicted, label)["cs_rank_ic"] > 0.05  # the planted signal

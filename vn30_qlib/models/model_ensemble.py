@@ -136,8 +136,14 @@ class ModelEnsemble(Model):
                 raise ValueError(f"ModelEnsemble: member {name!r} predicted {int((~np.isfinite(values)).sum())} "
                                  f"non-finite scores in segment {segment!r}, e.g. at {row}")
         frame = pd.DataFrame({name: score.reindex(first.index) for name, score in scores.items()})
+        zscores = daily_zscores(frame)
+        flat_days = (zscores == 0).groupby(level="datetime").all()  # a day with spread has a nonzero z-score
+        for name, days in flat_days.sum().items():
+            if days:
+                logger.warning(f"member {name}: no spread across the names on {days} of {len(flat_days)} days of "
+                               f"segment {segment!r}; its z-score is 0 there (it moves no name)")
         weights = pd.Series({name: self.weights[name] for name in frame.columns})
-        return (daily_zscores(frame) @ (weights / weights.sum())).rename("score")
+        return (zscores @ (weights / weights.sum())).rename("score")
 
     def _member(self, name: str) -> Model:
         """The member ``name`` as its config builds it, unfitted (with the ensemble's seed and checkpoint folder)."""
