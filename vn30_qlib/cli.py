@@ -117,6 +117,7 @@ def _executor_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vn30_qlib.retrain import add_retrain_command
     from vn30_qlib.rolling.command import add_drift_arguments, add_rolling_command
 
     parser = argparse.ArgumentParser(prog="vn30-qlib", description=__doc__)
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_validate)
 
     add_rolling_command(commands)
+    add_retrain_command(commands)
     return parser
 
 
