@@ -33,7 +33,10 @@ import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pandas and Qlib are imported where used: `vn30-qlib --help` stays fast
+    import pandas as pd
 
 TRAIN_WINDOWS = ("expanding", "sliding")
 
@@ -58,7 +61,8 @@ class RetrainDecision:
 
 
 def plan_retrain(store_root: str | Path, provider: str | Path, step: int, models: Sequence[str] | None = None,
-                 date: str | None = None, train_window: str = "expanding") -> tuple[object, list[RetrainDecision]]:
+                 date: str | None = None, train_window: str = "expanding"
+                 ) -> tuple[pd.Timestamp, list[RetrainDecision]]:
     """(t, the decision per entry): t is the last close the data reads (see the module docstring). Qlib is
     initialised on ``provider``; nothing is written."""
     import pandas as pd
@@ -101,8 +105,8 @@ def plan_retrain(store_root: str | Path, provider: str | Path, step: int, models
     return signal_day, decisions
 
 
-def _decide(name: str, version: Path, task: dict, calendar, step: int, last_labelled, signal_day,
-            train_window: str) -> RetrainDecision:
+def _decide(name: str, version: Path, task: dict, calendar: pd.DatetimeIndex, step: int,
+            last_labelled: pd.Timestamp, signal_day: pd.Timestamp, train_window: str) -> RetrainDecision:
     import pandas as pd
 
     segments = task["dataset"]["kwargs"]["segments"]
@@ -115,12 +119,14 @@ def _decide(name: str, version: Path, task: dict, calendar, step: int, last_labe
                                               "test start: not due")
     shifted = next_window(task, step, last_labelled, signal_day, train_window)
     new = shifted["dataset"]["kwargs"]["segments"]
-    return RetrainDecision(name, version, f"{where}, {labelled} trading days after the test start: due, {labelled // step} step(s) of "
-                                          f"{step}, train {new['train'][0]}..{new['train'][1]}, valid "
-                                          f"{new['valid'][0]}..{new['valid'][1]}, test from {new['test'][0]}", shifted)
+    return RetrainDecision(name, version, f"{where}, {labelled} trading days after the test start: due, "
+                                          f"{labelled // step} step(s) of {step}, train {new['train'][0]}.."
+                                          f"{new['train'][1]}, valid {new['valid'][0]}..{new['valid'][1]}, test from "
+                                          f"{new['test'][0]}", shifted)
 
 
-def next_window(task: dict, step: int, last_labelled, signal_day, train_window: str) -> dict:
+def next_window(task: dict, step: int, last_labelled: pd.Timestamp, signal_day: pd.Timestamp,
+                train_window: str) -> dict:
     """``task`` rolled by `RollingGen` (Qlib initialised on the provider) to the last window whose test starts on
     or before ``last_labelled``; the test end cut there, the handler's data ending at ``signal_day`` and its
     processors fitted on the new train segment. Segments are stored as YYYY-MM-DD strings, as in a workflow."""
@@ -184,6 +190,7 @@ def retrain(store_root: str | Path, provider: str | Path, step: int, models: Seq
 
 
 def format_retrain(results: Sequence[dict]) -> str:
+    """One line per entry (status, window, new version) and the counts."""
     lines = [f"{r['status']:<9} {r['reason']}" + (f" -> {r['version']}" if "version" in r else "") for r in results]
     counts = {status: sum(r["status"] == status for r in results) for status in ("retrained", "current", "not due")}
     lines.append(f"retrain: {counts['retrained']} retrained, {counts['current']} already current, "
@@ -198,8 +205,8 @@ def add_retrain_command(commands) -> None:
     p = commands.add_parser("retrain", help="retrain the pooled models whose next rolling window is due on an "
                                             "updated provider; store them as new versions")
     p.add_argument("--store", default="models", help="model store folder (default: %(default)s)")
-    p.add_argument("--provider", default="~/.qlib/qlib_data/vn30_sim", help="Qlib provider folder, updated with "
-                                                                            "vn30-qlib data update (default: %(default)s)")
+    p.add_argument("--provider", default="~/.qlib/qlib_data/vn30_sim",
+                   help="Qlib provider folder, updated with vn30-qlib data update (default: %(default)s)")
     p.add_argument("--step", type=positive_step, default=20,
                    help="trading days per rolling step: a model is retrained once STEP new days are labelled "
                         "after its test start (default: %(default)s)")
