@@ -77,6 +77,17 @@ def test_bad_input_exits_2_and_changes_nothing(trained, tmp_path, capsys):
     assert hashes(store_root) == before and not any(empty.iterdir()) and hashes(provider) == provider_before
 
 
+def test_an_ensemble_entry_is_refused_not_refitted_with_its_members_old_fit_window(trained, monkeypatch, capsys):
+    provider, store_root, _ = trained
+    before = hashes(store_root)
+    read_task = store.read_task
+    monkeypatch.setattr(store, "read_task", lambda version: {**read_task(version), "model": {
+        "class": "ModelEnsemble", "module_path": "vn30_qlib.models.model_ensemble", "kwargs": {}}})
+    assert retrain(provider, store_root, "--models", "lgb") == 2
+    assert "retrain does not move a ModelEnsemble's member handlers yet" in capsys.readouterr().err
+    assert hashes(store_root) == before
+
+
 def test_retrain_refits_only_due_named_entries_once_and_predict_uses_the_new_version(trained, days, capsys):
     provider, store_root, longer = trained
     before = hashes(store_root)

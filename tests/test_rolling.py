@@ -251,6 +251,9 @@ def test_ddgda_runs_end_to_end_and_writes_its_recorder(drifting, tmp_path, track
     for key in ("IC", "Rank IC", "1day.excess_return_with_cost.annualized_return"):
         assert np.isfinite(metrics[key]), key
     assert recorder.list_params()["method"] == "ddgda"
+    import torch
+
+    assert torch.is_grad_enabled(), "Qlib's meta-model left autograd off for the rest of the process"
     calendar = pd.DatetimeIndex(D.calendar(freq="day"))
     assert_fits_read_before_their_test(reads.fits, calendar, 60, 10_000)
     test_days = ((calendar >= pd.Timestamp(DRIFT_DATE)) & (calendar <= pd.Timestamp(DDGDA_TEST_END))).sum()

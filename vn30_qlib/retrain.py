@@ -100,6 +100,10 @@ def plan_retrain(store_root: str | Path, provider: str | Path, step: int, models
         store.read_metadata(version)  # a damaged version is refused before anything is fitted from it
         task = store.read_task(version)
         store.require_trusted_classes([task["model"], task["dataset"]], version / "config.yaml")
+        if task["model"].get("class") == "ModelEnsemble":  # its members' handlers keep their own fit window
+            raise RetrainError(f"{version}: retrain does not move a ModelEnsemble's member handlers yet; refit it "
+                               f"with vn30-qlib rolling --workflow workflows/ensemble_vn30.yaml, or leave it out "
+                               f"with --models")
         last_labelled = calendar[calendar.get_loc(signal_day) - label_horizon(task)]
         decisions.append(_decide(name, version, task, calendar, step, last_labelled, signal_day, train_window))
     return signal_day, decisions

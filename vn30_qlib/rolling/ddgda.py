@@ -40,6 +40,7 @@ from copy import deepcopy
 from pathlib import Path
 
 import pandas as pd
+import torch
 from joblib import parallel_config
 from qlib.contrib.meta.data_selection.dataset import InternalData, MetaDatasetDS
 from qlib.contrib.meta.data_selection.model import MetaModelDS
@@ -197,9 +198,15 @@ class VN30DDGDA(DDGDA, VN30Rolling):
 
     def run(self):
         """Qlib's DDG-DA run (proxy data, proxy models, meta-model, weighted rolling tasks); returns the recorder of
-        the joined results."""
+        the joined results.
+
+        Qlib's meta-model turns autograd off for the whole process when it validates (``MetaModelDS.run_epoch``
+        calls ``torch.set_grad_enabled(False)`` and never turns it back on): every torch fit after it in the same
+        process (a notebook, a test session) would fail, so the caller's setting is restored here."""
+        grad_enabled = torch.is_grad_enabled()
         try:
             super().run()
         finally:
+            torch.set_grad_enabled(grad_enabled)
             self.working_folder.cleanup()
         return R.get_recorder(experiment_name=self.exp_name, recorder_id=self._rid)
