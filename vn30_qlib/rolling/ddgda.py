@@ -28,6 +28,8 @@ pandas 3, LightGBM 4 and 30 names a day; each trap has its adapter here:
   workflow's test start (Qlib's default splits the meta-tasks 62/38, which on the VN30 split would train it on
   test days), and its first task ends ``hist_step_n * step`` days after the train start (the history each
   meta-task needs; Qlib's default date is 2010-12-31);
+- ``MetaModelDS.run_epoch`` turns autograd off for the whole process and never back on: `VN30DDGDA.run`
+  restores the caller's setting;
 - the base model must take a ``reweighter`` in ``fit`` (Qlib's `LGBModel` does); otherwise DDG-DA's weights would
   be dropped without a word, so the run is refused.
 """
