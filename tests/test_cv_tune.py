@@ -147,3 +147,23 @@ def test_epoch_callback_sees_every_epoch_and_can_stop_training():
                    lambda: module(x).reshape(-1), y, days, lambda out, label, d: ((out.reshape(-1) - label) ** 2).mean(),
                    config)
     assert [epoch for epoch, _ in seen] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("params: {num_leaves: {type: int, low: 2\n", "not valid YAML"),
+    ("- a list\n", "must be a mapping with keys params and folds, got list"),
+    ("params: {num_leaves: {type: int, low: 2, high: 8}}\n", "key 'folds' must be a mapping, got None"),
+    ("folds: {n_folds: 2}\nparams: {num_leaves: {type: integer, low: 2, high: 8}}\n",
+     "params.num_leaves.type must be float, int or categorical, got 'integer'"),
+    ("folds: {n_folds: 2}\nparams: {num_leaves: {type: int, low: 2}}\n", "params.num_leaves (int) lacks high"),
+])
+def test_a_malformed_search_space_is_exit_2_naming_the_file_and_key(text, message, sim_provider, tmp_path, capsys):
+    from vn30_qlib.cli import main
+
+    workflow = tmp_path / "lgb_vn30.yaml"
+    workflow.write_text("task: {}\n")
+    (tmp_path / "lgb_vn30.search.yaml").write_text(text)
+    code = main(["tune", str(workflow), "--provider", str(sim_provider(0.1)), "--out", str(tmp_path / "tuning")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{tmp_path / 'lgb_vn30.search.yaml'}: " in err and message in err, err
+    assert "Traceback" not in err and not (tmp_path / "tuning").exists()

@@ -92,10 +92,14 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from vn30_qlib.tune import tune
+    from vn30_qlib.tune import SearchSpaceError, tune
 
-    result = tune(args.workflow, args.provider, args.out, n_trials=args.trials, executor=args.executor,
-                  jobs=args.jobs, ray_address=args.ray_address)
+    try:
+        result = tune(args.workflow, args.provider, args.out, n_trials=args.trials, executor=args.executor,
+                      jobs=args.jobs, ray_address=args.ray_address)
+    except SearchSpaceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"{result['trials']} trials; best mean validation score {result['best_value']:.4f} with {result['best_params']}")
     print(f"ready-to-run workflow: {result['tuned_workflow']}")
     return 0

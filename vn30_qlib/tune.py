@@ -38,17 +38,31 @@ def search_space_path(workflow: Path) -> Path:
     return workflow.with_name(workflow.stem + ".search.yaml")
 
 
+class SearchSpaceError(ValueError):
+    """A search space file that cannot be read as one: its path and the key at fault (the CLI exits 2)."""
+
+
 def read_search_space(workflow: Path) -> dict:
     path = search_space_path(workflow)
     if not path.is_file():
         raise FileNotFoundError(f"{workflow}: no search space; write {path.name} next to it (see vn30_qlib.tune)")
-    space = yaml.safe_load(path.read_text())
+    try:
+        space = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SearchSpaceError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(space, dict):
+        raise SearchSpaceError(f"{path}: must be a mapping with keys params and folds, got {type(space).__name__}")
     for key in ("params", "folds"):
-        if key not in space:
-            raise KeyError(f"{path}: missing key {key!r}")
+        if not isinstance(space.get(key), dict):
+            raise SearchSpaceError(f"{path}: key {key!r} must be a mapping, got {space.get(key)!r}")
     for name, spec in space["params"].items():
-        if spec.get("type") not in ("float", "int", "categorical"):
-            raise ValueError(f"{path}: params.{name}.type must be float, int or categorical, got {spec.get('type')!r}")
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in ("float", "int", "categorical"):
+            raise SearchSpaceError(f"{path}: params.{name}.type must be float, int or categorical, got {kind!r}")
+        needed = ("choices",) if kind == "categorical" else ("low", "high")
+        missing = [key for key in needed if key not in spec]
+        if missing:
+            raise SearchSpaceError(f"{path}: params.{name} ({kind}) lacks {', '.join(missing)}")
     return space
 
 
