@@ -162,14 +162,7 @@ def load_models(store_root: str | Path, names: Sequence[str] | None, provider: s
     """The latest version of each pooled store entry named (default: every one), checked against the provider
     and the signal day (see the module docstring)."""
     root = Path(store_root).expanduser()
-    available = sorted(p.name for p in (root / "pooled").glob("*") if p.is_dir() and store.latest(p) is not None)
-    if not available:
-        raise PredictError(f"{root}: no pooled model in this store; train one with vn30-qlib loop WORKFLOW "
-                           f"--modes pooled --store {root}")
-    names = list(names) if names else available
-    unknown = [name for name in names if name not in available]
-    if unknown:
-        raise PredictError(f"{root}: no pooled model {unknown} in this store; it has {available}")
+    names = store.named_pooled_entries(root, names)
     fingerprints: dict[str, str | None] = {}
     loaded = []
     for name in names:

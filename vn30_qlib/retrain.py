@@ -79,14 +79,7 @@ def plan_retrain(store_root: str | Path, provider: str | Path, step: int, models
     if not (provider / "calendars" / "day.txt").is_file():
         raise RetrainError(f"{provider}: not a Qlib provider (calendars/day.txt missing); pass --provider")
     root = Path(store_root).expanduser()
-    available = sorted(p.name for p in (root / "pooled").glob("*") if p.is_dir() and store.latest(p) is not None)
-    if not available:
-        raise RetrainError(f"{root}: no pooled model in this store; train one first with vn30-qlib loop WORKFLOW "
-                           f"--modes pooled --store {root}")
-    names = list(models) if models else available
-    unknown = [name for name in names if name not in available]
-    if unknown:
-        raise RetrainError(f"{root}: no pooled model {unknown} in this store; it has {available}")
+    names = store.named_pooled_entries(root, models)
     _, signal_day = signal_days(provider, date)
     init_qlib_for(provider)
     from qlib.data import D

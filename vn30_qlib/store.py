@@ -31,7 +31,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import filelock
 import pandas as pd
@@ -142,6 +142,21 @@ def _remove_leftovers(entry: Path) -> None:
 def versions(entry: Path) -> list[Path]:
     """The complete versions of an entry, oldest first."""
     return sorted(p for p in entry.glob("v[0-9][0-9][0-9][0-9]") if (p / "metadata.json").is_file())
+
+
+def named_pooled_entries(store_root: str | Path, names: Sequence[str] | None = None) -> list[str]:
+    """``names`` (default: every pooled entry with a version), each checked to be a pooled entry with a version
+    in the store: what ``predict`` and ``retrain`` work on."""
+    root = Path(store_root).expanduser()
+    available = sorted(p.name for p in (root / "pooled").glob("*") if p.is_dir() and latest(p) is not None)
+    if not available:
+        raise StoreError(f"{root}: no pooled model in this store; train one with vn30-qlib loop WORKFLOW "
+                         f"--modes pooled --store {root}")
+    names = list(names) if names else available
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise StoreError(f"{root}: no pooled model {unknown} in this store; it has {available}")
+    return names
 
 
 def latest(entry: Path) -> Path | None:
