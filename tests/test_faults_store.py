@@ -85,11 +85,11 @@ def test_versions_hold_no_pickle_and_reload_without_unpickling(stored, monkeypat
 
 
 def test_tft_seed_ensemble_round_trips_through_its_state_dicts(sim_provider, tmp_path):
-    from test_tft import SMALL, dataset
+    from test_tft import SHORT_SEGMENTS, SMALL, dataset
 
     from vn30_qlib.models.seed_ensemble import SeedEnsemble
 
-    data = dataset(sim_provider(0.1))
+    data = dataset(sim_provider(0.1), segments=SHORT_SEGMENTS)
     config = {"class": "SeedEnsemble", "module_path": "vn30_qlib.models.seed_ensemble",
               "kwargs": {"seeds": [0, 1], "model": {"class": "TFT", "module_path": "vn30_qlib.models.tft",
                                                      "kwargs": {**SMALL, "n_epochs": 1}}}}

@@ -12,6 +12,7 @@ import torch
 
 from test_lstm import SMALL as LSTM_SMALL
 from test_lstm import make_dataset
+from test_tft import SHORT_SEGMENTS as TFT_SHORT_SEGMENTS
 from test_tft import SMALL as TFT_SMALL
 from test_tft import dataset as tft_dataset
 from vn30_qlib.models import cpu_kernels
@@ -82,10 +83,8 @@ def test_the_same_seed_fits_the_same_model_with_the_kernels_on_and_off(which, si
     as Adam's step (the gradient over its running scale) lets rounding through where a gradient is tiny: up to 1e-3 in
     the static embeddings (different dropout masks, before, moved weights by 1e-2 to 1e-1). The LSTM's only kernel
     is its dropout: there bit for bit. Each fit logs which way it ran."""
-    if which == "tft":  # half a year of training days: what is compared is the arithmetic, not the skill
-        short = {"train": ("2020-01-01", "2020-06-30"), "valid": ("2020-07-01", "2020-09-30"),
-                 "test": ("2020-10-01", "2020-12-31")}
-        data = tft_dataset(sim_provider(0.1), segments=short)
+    if which == "tft":  # what is compared is the arithmetic, not the skill
+        data = tft_dataset(sim_provider(0.1), segments=TFT_SHORT_SEGMENTS)
         make = lambda setting: TFT(**TFT_SMALL, cpu_kernels=setting)
     else:
         data = make_dataset(sim_provider(0.1))

@@ -1,26 +1,35 @@
 """SeedEnsemble: the mean of its members fitted alone, one checkpoint folder and one metric name per member, a pickle
-that predicts the same, clear errors for bad configs, and ``qrun workflows/tft_ensemble_vn30.yaml``."""
+that predicts the same, and clear errors for bad configs (``workflows/tft_ensemble_vn30.yaml`` itself is fitted by
+tests/test_loop.py and stored and reloaded by tests/test_faults_store.py)."""
 from __future__ import annotations
 
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_qrun
 from test_tft import SMALL, dataset, rank_ic
+from vn30_qlib.models import training
 from vn30_qlib.models.seed_ensemble import SeedEnsemble
 from vn30_qlib.models.tft import TFT
 
 TFT_CONFIG = {"class": "TFT", "module_path": "vn30_qlib.models.tft", "kwargs": SMALL}
 
 
-def test_the_ensemble_is_the_mean_of_its_members_fitted_alone(sim_provider, tmp_path):
+def test_the_ensemble_is_the_mean_of_its_members_fitted_alone(sim_provider, tmp_path, monkeypatch):
     data = dataset(sim_provider(0.1))
     config = {**TFT_CONFIG, "kwargs": {**SMALL, "checkpoint_dir": str(tmp_path / "checkpoints")}}
     ensemble = SeedEnsemble(config, seeds=[0, 1])
+    logged: dict[str, float] = {}  # what the members log to a running recorder (as under qrun), without one
+    monkeypatch.setattr(training, "_recording", lambda: True)
+    monkeypatch.setattr(training, "R", SimpleNamespace(log_params=lambda **params: None,
+                                                       log_metrics=lambda step, **metrics: logged.update(metrics)))
     ensemble.fit(data)
+    monkeypatch.undo()
+    assert {"seed0/valid_ic", "seed1/valid_ic", "seed1/train_loss"} <= set(logged)
+    assert "valid_ic" not in logged  # every member's epochs under its own name
     members = [member.predict(data) for member in ensemble.members]
     assert not np.allclose(members[0], members[1])  # each member got its own seed
     alone = TFT(**SMALL, seed=1)  # the second member, fitted on its own: the ensemble passed it nothing else
@@ -47,16 +56,3 @@ def test_bad_configs_are_refused():
         SeedEnsemble(TFT_CONFIG).predict(None)
     with pytest.raises(TypeError, match="LinearModel must take a 'seed' argument"):  # when built, before any data
         SeedEnsemble({"class": "LinearModel", "module_path": "qlib.contrib.model.linear", "kwargs": {}})
-
-
-@pytest.mark.slow
-def test_qrun_tft_ensemble_workflow_logs_each_member(sim_provider, tmp_path):
-    overrides = {"TFT_SEEDS": "[0, 1]", "TFT_EPOCHS": "1", "TFT_HIDDEN": "16", "TFT_THREADS": "1"}
-    recorder = run_qrun("tft_ensemble_vn30.yaml", sim_provider(0.1), tmp_path, "tft_ensemble_qrun", overrides)
-    metrics = recorder.list_metrics()
-    for key in ("IC", "Rank IC", "seed0/valid_ic", "seed1/valid_ic", "seed1/train_loss",
-                "1day.excess_return_with_cost.annualized_return"):
-        assert np.isfinite(metrics[key]), key
-    assert "valid_ic" not in metrics  # every member's epochs under its own name
-    model = recorder.load_object("params.pkl")
-    assert [member.seed for member in model.members] == [0, 1]

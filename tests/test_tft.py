@@ -34,6 +34,9 @@ from vn30_qlib.workflow_config import load_workflow
 # One thread: the TFT's many small kernels slow down badly with two threads on a CPU shared with other jobs.
 SEGMENTS = {"train": ("2019-01-01", "2020-12-31"), "valid": ("2021-01-01", "2021-12-31"),
             "test": ("2022-01-01", "2023-06-30")}
+# Half a year of training days, for tests of arithmetic and storage rather than skill.
+SHORT_SEGMENTS = {"train": ("2020-01-01", "2020-06-30"), "valid": ("2020-07-01", "2020-09-30"),
+                  "test": ("2020-10-01", "2020-12-31")}
 SMALL = dict(hidden_size=8, variable_hidden_size=8, attention_hidden_size=4, num_heads=2, batch_size=256, lr=0.003,
              n_epochs=2, early_stop=2, n_threads=1)
 
