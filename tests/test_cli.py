@@ -181,7 +181,7 @@ def test_readme_recorder_snippet_opens_the_newest_finished_run(sim_provider, tmp
 
     from vn30_qlib.loop import sqlite_tracking_uri
 
-    finished = run_qrun("lgb_vn30.yaml", sim_provider(0.1), tmp_path, "lgb_vn30")
+    finished = run_qrun(str(small_lgb_workflow(tmp_path / "wf")), sim_provider(0.1), tmp_path, "lgb_vn30")
     client = MlflowClient(tracking_uri=sqlite_tracking_uri(tmp_path))
     running = client.create_run(client.get_experiment_by_name("lgb_vn30").experiment_id, run_name="still running")
     # the old snippet: the newest recorder, whatever its state
