@@ -122,6 +122,10 @@ def test_report_writes_into_the_store_by_default_and_states_the_simulated_market
     assert "not real prices" in header and "no survivorship bias" in header
     assert "October 2025" not in header
     assert json.loads((report / "metrics.json").read_text())["header"]["market"].startswith("simulated")
+    # the provider by its folder's name and fingerprint: no path of this machine in a report meant to be shared
+    assert "- **provider**: provider (sha256 " in header
+    for name in ("report.md", "report.html", "metrics.json", "metrics.csv"):
+        assert str(tmp_path.parents[1]) not in (report / name).read_text(), name
     # its own folder is rewritten; a file an earlier report wrote and this one does not is removed
     marker["entries"].append("cumulative_ic.png")
     (report / "vn30_report.json").write_text(json.dumps(marker))

@@ -53,7 +53,8 @@ def collect(store_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[di
         if meta["mode"] == "pooled":
             pooled.append({"model": meta["model"], **meta["metrics"]["cross_sectional"],
                            "version": str(version.relative_to(root)), "mlflow_run_id": meta["mlflow_run_id"],
-                           "provider": meta["provider"], "data_span": meta["data_span"]})
+                           "provider": {**meta["provider"], "path": provider_name(meta["provider"])},
+                           "data_span": meta["data_span"]})
     failures = [json.loads(p.read_text()) for p in sorted(root.glob("failures/*.json"))]
     return pd.DataFrame(rows), pd.DataFrame(pooled), failures
 
@@ -196,9 +197,15 @@ def describe_setup(version: Path) -> dict:
         "label": "Ref($close, -2) / Ref($close, -1) - 1 (signal at day t, traded at the close of t+1)"
                  + ("" if "label" not in handler else f" ({handler['label']})"),
         "costs": costs,
-        "provider": f"{provider['path']} (sha256 {provider['sha256'][:12]}, "
+        "provider": f"{provider_name(provider)} (sha256 {provider['sha256'][:12]}, "
                     f"{provider['first_day']} .. {provider['last_day']})",
     }
+
+
+def provider_name(provider: dict) -> str:
+    """A provider as a report names it: its folder's name; the sha256 beside it says which data it is, and a
+    report read on another machine shows no path of the machine that wrote it."""
+    return Path(provider["path"]).name
 
 
 def build_report(store_root: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
