@@ -120,6 +120,14 @@ def _executor_arguments(parser: argparse.ArgumentParser) -> None:
                                               "Ray with --jobs CPUs)")
 
 
+def _add_export_layout_options(p: argparse.ArgumentParser) -> None:
+    """How a vendor's export is laid out: the options data ingest and data update share."""
+    p.add_argument("--date-column", help="date column of the price files (default: 'time' or 'date')")
+    p.add_argument("--index-date-column", help="date column of the index file (default: 'time' or 'date')")
+    p.add_argument("--price-unit", default="thousand_vnd", choices=["thousand_vnd", "vnd"],
+                   help="unit of the input prices; the provider always stores thousands of VND (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vn30_qlib.retrain import add_retrain_command
     from vn30_qlib.rolling.command import add_drift_arguments, add_rolling_command
@@ -137,10 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "backtests' benchmark is then an equal-weight VN30)")
     p.add_argument("--universe", help="symbols of market vn30: a CSV with a 'symbol' column or one symbol per line "
                                       "(default: every file; all files go to market 'all')")
-    p.add_argument("--date-column", help="date column of the price files (default: 'time' or 'date')")
-    p.add_argument("--index-date-column", help="date column of the index file (default: 'time' or 'date')")
-    p.add_argument("--price-unit", default="thousand_vnd", choices=["thousand_vnd", "vnd"],
-                   help="unit of the input prices; the provider always stores thousands of VND (default: %(default)s)")
+    _add_export_layout_options(p)
     p.set_defaults(handler=_data_ingest)
 
     p = data.add_parser("update", help="append a fresh export's new days to a provider; rebuild re-adjusted symbols")
@@ -149,10 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "complete, untouched when nothing is new)")
     p.add_argument("--index", help="index CSV, the VN30 instrument's new days (default: the stored index is kept)")
     p.add_argument("--universe", help="new symbols of market vn30, as for data ingest (default: kept)")
-    p.add_argument("--date-column", help="date column of the price files (default: 'time' or 'date')")
-    p.add_argument("--index-date-column", help="date column of the index file (default: 'time' or 'date')")
-    p.add_argument("--price-unit", default="thousand_vnd", choices=["thousand_vnd", "vnd"],
-                   help="unit of the input prices; the provider always stores thousands of VND (default: %(default)s)")
+    _add_export_layout_options(p)
     p.set_defaults(handler=_data_update)
 
     p = data.add_parser("simulate", help="write the simulated VN30 market (the offline default)")
