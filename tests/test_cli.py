@@ -34,7 +34,7 @@ def sub_commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str,
 def test_every_option_has_help_that_names_its_default(capsys):
     commands = sub_commands(build_parser())
     assert set(commands) == {"data ingest", "data simulate", "data check", "data update", "loop", "report", "tune",
-                             "validate", "predict", "rolling", "retrain"}
+                             "validate", "predict", "rolling", "retrain", "harness"}
     for command, parser in commands.items():
         with pytest.raises(SystemExit) as exit_info:
             main([*command.split(), "--help"])

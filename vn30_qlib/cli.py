@@ -91,6 +91,29 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _harness(args: argparse.Namespace) -> int:
+    from vn30_qlib.harness import compare, harness_score, write_results
+
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        print(f"error: --seeds must be distinct integers separated by commas, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    scores = [harness_score(workflow, args.provider, args.out, seeds, args.folds, args.valid_days)
+              for workflow in args.workflows]
+    for score in scores:
+        se = "n/a" if score["rank_ic_se"] is None else f"{score['rank_ic_se']:.4f}"
+        print(f"{score['workflow']}: Rank IC {score['rank_ic_mean']:.4f} ± {se} (se, {score['days']} validation days, "
+              f"{len(score['folds'])} folds, seeds {','.join(map(str, score['seeds']))})")
+    for row in compare(scores):
+        t = "n/a" if row["t"] is None else f"{row['t']:.2f}"
+        print(f"{row['verdict']}: paired difference {row['mean']:+.4f}, t {t}")
+    print(f"wrote {write_results(scores, args.out)}")
+    return 0
+
+
 def _tune(args: argparse.Namespace) -> int:
     from vn30_qlib.tune import SearchSpaceError, tune
 
@@ -209,6 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "another in this process (default: %(default)s)")
     _executor_arguments(p)
     p.set_defaults(handler=_tune)
+
+    p = commands.add_parser("harness", help="score workflows by their daily Rank IC over walk-forward folds of "
+                                            "train + valid and several seeds; compare them paired")
+    p.add_argument("workflows", nargs="+", help="workflow YAMLs; each after the first is compared with the first")
+    p.add_argument("--provider", default=DEFAULT_PROVIDER, help="Qlib provider folder (default: %(default)s)")
+    p.add_argument("--out", default="harness", help="folder of harness.json and the folds' mlflow runs "
+                                                    "(default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="model seeds, comma-separated (default: %(default)s)")
+    p.add_argument("--folds", type=_positive_int, default=4, help="walk-forward folds (default: %(default)s)")
+    p.add_argument("--valid-days", type=_positive_int, default=120,
+                   help="trading days of each fold's validation block (default: %(default)s)")
+    p.set_defaults(handler=_harness)
 
     p = commands.add_parser("predict", help="the next trading day's ranked signal and target orders from the stored "
                                             "models, recorded in mlflow")

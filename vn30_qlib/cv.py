@@ -23,7 +23,7 @@ import pandas as pd
 
 from vn30_qlib.dataset import check_purged, label_reach
 from vn30_qlib.loop import create_tracking_store
-from vn30_qlib.metrics import cross_sectional_metrics, mse
+from vn30_qlib.metrics import cross_sectional_metrics, daily_rank_ic, mse
 from vn30_qlib.workflow_config import load_workflow
 
 CV_EXPERIMENT = "vn30_cv"
@@ -102,6 +102,7 @@ def cross_validate(task: dict, folds: list[Fold], tracking_uri: str, run_name: s
     ``on_fold(i, metrics)`` is called after each fold (the tuner reports to Optuna there, and may raise to
     prune); ``model_hook(model)`` may adjust the model before fitting (e.g. attach an epoch callback);
     ``dataset_cache`` keeps each fold's dataset between calls that differ only in the model (a search).
+    ``daily_rank_ic``: each fold's validation days' Rank IC (`vn30_qlib.harness` pools them over folds and seeds).
     A fold whose predictions are constant scores IC and Rank IC 0 (no skill), not NaN. IC and Rank IC are
     against the raw return, ``mse_learnt`` against the label after the learn processors (what the model predicts);
     all from `vn30_qlib.metrics`.
@@ -114,7 +115,7 @@ def cross_validate(task: dict, folds: list[Fold], tracking_uri: str, run_name: s
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = create_tracking_store(tracking_uri, CV_EXPERIMENT)
     parent = client.create_run(experiment_id, run_name=run_name)
-    per_fold = []
+    per_fold, daily_by_fold = [], []
     status = "FAILED"
     try:
         for i, fold in enumerate(folds):
@@ -136,6 +137,9 @@ def cross_validate(task: dict, folds: list[Fold], tracking_uri: str, run_name: s
                 cs = cross_sectional_metrics(pred, label)
                 metrics = {"ic": 0.0, "rank_ic": 0.0} if cs["degenerate"] else {"ic": cs["cs_ic"],
                                                                                  "rank_ic": cs["cs_rank_ic"]}
+                days = label.dropna().index.get_level_values("datetime").unique().sort_values()
+                daily_by_fold.append(pd.Series(0.0, index=days, name="rank_ic") if cs["degenerate"]
+                                     else daily_rank_ic(pred, label))
                 metrics["mse_learnt"] = mse(pred, learnt)
                 R.log_metrics(**metrics)
             per_fold.append(metrics)
@@ -145,6 +149,6 @@ def cross_validate(task: dict, folds: list[Fold], tracking_uri: str, run_name: s
         for key, value in mean.items():
             client.log_metric(parent.info.run_id, key, value)
         status = "FINISHED"
-        return {"folds": per_fold, **mean, "parent_run_id": parent.info.run_id}
+        return {"folds": per_fold, **mean, "daily_rank_ic": daily_by_fold, "parent_run_id": parent.info.run_id}
     finally:
         client.set_terminated(parent.info.run_id, status=status)
