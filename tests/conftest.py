@@ -134,11 +134,12 @@ def same_on_one_and_two_threads(run: Callable[[], Sequence[torch.Tensor]]) -> No
         assert torch.equal(one, two)
 
 
-# The files whose tests take longest, slowest first (measured under `-n 2`). With `--dist loadfile` xdist hands out
-# whole files in collection order, so these start first and the two workers finish together instead of one
-# waiting while the other runs a long file that happened to sort last.
-SLOWEST_FILES = ("test_loop.py", "test_tft.py", "test_executors.py", "test_rolling.py", "test_faults_store.py",
-                 "test_seed_ensemble.py", "test_lgb_workflow.py", "test_lstm.py", "test_model_ensemble.py")
+# The files with the longest tests, first (measured under `-n 2`). With `--dist loadfile` xdist hands out whole
+# files in collection order, each worker holding the next one queued, so these start early and the two workers
+# finish together instead of one waiting while the other runs a long test that sorted last (test_seed_ensemble's
+# single 2-minute test ended two runs alone).
+SLOWEST_FILES = ("test_seed_ensemble.py", "test_loop.py", "test_tft.py", "test_executors.py", "test_rolling.py",
+                 "test_faults_store.py", "test_lgb_workflow.py", "test_lstm.py", "test_model_ensemble.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
