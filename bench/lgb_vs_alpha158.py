@@ -2,16 +2,15 @@
 
     python bench/lgb_vs_alpha158.py --provider /tmp/vn30_real
 
-Runs, in one process on one provider, the task of `workflows/lgb_vn30.yaml` three ways, each with the same
-split, backtest and records: (1) as is (handler VN30Alpha158), (2) with Qlib's own `Alpha158` handler and
-its default processors, (3) with the model replaced by the one-day-reversal factor (score = -(close_t /
+Runs, in one process on one provider, three workflows with the same split, backtest and records:
+`lgb_vn30.yaml` (handler VN30Alpha158), `alpha158_lgb_vn30.yaml` (Qlib's own `Alpha158` handler, its default
+processors and Qlib's LGBModel) and `reversal_vn30.yaml` (the one-day-reversal factor, score = -(close_t /
 close_t-1 - 1), no fitting). Then times `qrun workflows/lgb_vn30.yaml` end to end in a subprocess.
 Prints a Markdown table for BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import subprocess
 import sys
@@ -19,10 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import qlib
-from qlib.data.dataset import DatasetH
-from qlib.model.base import Model
 from qlib.model.trainer import task_train
 from qlib.workflow import R
 
@@ -35,40 +31,9 @@ METRICS = {
     "excess ann. return (with cost)": "1day.excess_return_with_cost.annualized_return",
     "excess max drawdown (with cost)": "1day.excess_return_with_cost.max_drawdown",
 }
-
-
-class OneDayReversal(Model):
-    """Score = minus the day's close-to-close return: yesterday's losers are bought (no fitting)."""
-
-    def fit(self, dataset: DatasetH, **kwargs) -> None:
-        pass
-
-    def predict(self, dataset: DatasetH, segment: str = "test") -> pd.Series:
-        raw = dataset.prepare(segment, col_set="feature", data_key="raw")
-        return -raw.iloc[:, 0]
-
-
-def variants(task: dict) -> dict[str, dict]:
-    plain = copy.deepcopy(task)
-    handler = plain["dataset"]["kwargs"]["handler"]
-    handler.update({"class": "Alpha158", "module_path": "qlib.contrib.data.handler"})
-    plain["model"]["module_path"] = "qlib.contrib.model.gbdt"  # Qlib's own LGBModel, not our checked subclass
-    reversal = copy.deepcopy(task)
-    reversal["model"] = {"class": "OneDayReversal", "module_path": "__main__"}
-    reversal["dataset"]["kwargs"]["handler"] = {
-        "class": "DataHandlerLP", "module_path": "qlib.data.dataset.handler",
-        "kwargs": {
-            "instruments": handler["kwargs"]["instruments"],
-            "start_time": handler["kwargs"]["start_time"], "end_time": handler["kwargs"]["end_time"],
-            "data_loader": {"class": "QlibDataLoader", "kwargs": {"config": {
-                "feature": (["$close / Ref($close, 1) - 1"], ["RET1"]),
-                "label": (["Ref($close, -2) / Ref($close, -1) - 1"], ["LABEL0"])}}},
-        },
-    }
-    reversal["record"] = [r for r in reversal["record"] if r["class"] != "FeatureImportanceRecord"]
-    # task_train fills <MODEL>/<DATASET> in place: every variant must own its record configs
-    return {"VN30Alpha158 + LGBModel (ours)": copy.deepcopy(task), "Qlib Alpha158 + LGBModel": plain,
-            "one-day reversal": reversal}
+WORKFLOWS = {"VN30Alpha158 + LGBModel (ours)": WORKFLOW,
+             "Qlib Alpha158 + LGBModel": REPO / "workflows" / "alpha158_lgb_vn30.yaml",
+             "one-day reversal": REPO / "workflows" / "reversal_vn30.yaml"}
 
 
 def main() -> None:
@@ -77,13 +42,14 @@ def main() -> None:
     args = parser.parse_args()
     provider = str(Path(args.provider).expanduser())
     config = load_workflow(WORKFLOW, {"VN30_PROVIDER": provider})
+    tasks = {name: load_workflow(path, {"VN30_PROVIDER": provider})["task"] for name, path in WORKFLOWS.items()}
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         init = {**config["qlib_init"]}
         init["exp_manager"] = {**init["exp_manager"], "kwargs": {"uri": f"sqlite:///{tmp}/mlruns.db",
                                                                  "default_exp_name": "bench"}}
         qlib.init(**init)
-        for name, task in variants(config["task"]).items():
+        for name, task in tasks.items():
             start = time.perf_counter()
             recorder = task_train(task, experiment_name=f"bench_{len(rows)}")
             seconds = time.perf_counter() - start

@@ -95,8 +95,9 @@ def write_workflow(folder: Path, name: str, replace: dict[str, str] | None = Non
     return path
 
 
-def run_qrun(workflow: str, provider: Path, workdir: Path, experiment: str, extra_env: dict | None = None):
-    """Run ``qrun workflows/{workflow}`` as a user would, in ``workdir``; return the run's recorder."""
+def run_qrun(workflow: str | Path, provider: Path, workdir: Path, experiment: str, extra_env: dict | None = None):
+    """Run ``qrun workflows/{workflow}`` (or ``qrun {workflow}`` for a path) as a user would, in ``workdir``;
+    return the run's recorder."""
     import os
     import subprocess
     import sys
@@ -107,7 +108,8 @@ def run_qrun(workflow: str, provider: Path, workdir: Path, experiment: str, extr
 
     env = {**os.environ, "VN30_PROVIDER": str(provider), "VN30_EXPERIMENT": experiment, **(extra_env or {})}
     qrun = Path(sys.executable).parent / "qrun"
-    result = subprocess.run([str(qrun), str(REPO / "workflows" / workflow)], cwd=workdir, env=env,
+    path = workflow if isinstance(workflow, Path) else REPO / "workflows" / workflow
+    result = subprocess.run([str(qrun), str(path)], cwd=workdir, env=env,
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, f"qrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     init_qlib_for(provider, sqlite_tracking_uri(workdir))

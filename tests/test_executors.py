@@ -51,6 +51,24 @@ def two_models(tmp_path_factory) -> list[Path]:
     return [lgb, lstm]
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray instance for the module's Ray tests. The executors use a Ray that is already running (as on a
+    user's cluster) and leave it running; its warm workers spare each test Ray's start and the workers' imports."""
+    import ray
+
+    for attempt in range(3):  # Ray gives its raylet a fixed 30 s to register: on two busy cores it can miss that
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as error:
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(error):
+                raise
+    yield
+    ray.shutdown()
+
+
 def _timed_nap(seconds: float) -> tuple[float, float]:
     start = time.monotonic()
     time.sleep(seconds)
@@ -73,7 +91,7 @@ def _stored(store_root: Path) -> dict:
     return out
 
 
-def test_ray_loop_matches_the_local_loop(two_models, sim_provider, tmp_path):
+def test_ray_loop_matches_the_local_loop(two_models, sim_provider, tmp_path, ray_session):
     provider = sim_provider(0.1)
     local = run_loop(two_models, provider, tmp_path / "local", symbols=SYMBOLS, modes=["per_symbol"], jobs=2,
                      progress=False)
@@ -92,7 +110,7 @@ def test_ray_loop_matches_the_local_loop(two_models, sim_provider, tmp_path):
         assert store.validate(version) < 1e-6
 
 
-def test_a_task_that_kills_its_worker_is_retried_then_recorded(two_models, sim_provider, tmp_path):
+def test_a_task_that_kills_its_worker_is_retried_then_recorded(two_models, sim_provider, tmp_path, ray_session):
     (tmp_path / "killer_model.py").write_text(KILLER_MODEL)
     attempts = tmp_path / "attempts.txt"
     killer = write_workflow(tmp_path / "wf", "lgb_vn30.yaml", {
@@ -111,7 +129,7 @@ def test_a_task_that_kills_its_worker_is_retried_then_recorded(two_models, sim_p
     assert not list((tmp_path / "models").glob("symbols/ACB/killer/v*")), "nothing half-written"
 
 
-def test_ray_search_records_every_trial(tmp_path, sim_provider):
+def test_ray_search_records_every_trial(tmp_path, sim_provider, ray_session):
     from vn30_qlib.tune import tune
 
     folder = tmp_path / "search"
@@ -135,7 +153,7 @@ def test_ray_search_records_every_trial(tmp_path, sim_provider):
     assert Path(result["tuned_workflow"]).is_file()
 
 
-def test_a_node_that_cannot_see_the_provider_fails_fast(tmp_path):
+def test_a_node_that_cannot_see_the_provider_fails_fast(tmp_path, ray_session):
     missing = str(tmp_path / "not_shared" / "provider")
     assert missing_paths([missing], [str(tmp_path)]) == [f"{__import__('socket').gethostname()}: cannot read {missing}"]
     with pytest.raises(WorkerCannotSee, match="cannot read .*not_shared/provider"):

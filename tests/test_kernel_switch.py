@@ -4,6 +4,8 @@ package warns once, in one line, why and how to silence it; "on" there is an err
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -112,3 +114,14 @@ def test_the_build_is_kept_per_cpu_torch_and_checkout(monkeypatch, tmp_path):
     first = cpu_kernels._build_kind()
     (tmp_path / "cpuinfo").write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
     assert cpu_kernels._build_kind() != first
+
+
+def test_a_build_killed_halfway_does_not_stall_the_next_load(built_kernels):
+    """torch guards a build with a plain `lock` file, which a process killed mid-build leaves behind; the next
+    load clears it instead of waiting for it forever (seen: a fit asleep for minutes after a killed first fit)."""
+    folder = cpu_kernels.build_folder(f"vn30_cpu_kernels_{cpu_kernels._build_kind()}")
+    (folder / "lock").write_text("")
+    load = "from vn30_qlib.models import cpu_kernels; assert cpu_kernels.build() is not None"
+    result = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (folder / "lock").exists()

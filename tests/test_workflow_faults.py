@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, write_workflow
+from conftest import FEW_FEATURES, REPO, write_workflow
 
 FIVE_NAMES = 5
 
@@ -98,7 +98,8 @@ def test_constant_predictions_on_most_test_days_are_reported(five_names, tmp_pat
 
     from vn30_qlib.loop import init_qlib_for, sqlite_tracking_uri
 
-    result = qrun(REPO / "workflows" / "lgb_vn30.yaml", five_names, tmp_path)
+    workflow = write_workflow(tmp_path / "wf", "lgb_vn30.yaml", append=FEW_FEATURES)  # the regularisation is the point
+    result = qrun(workflow, five_names, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert ("predictions are constant on 100% of test days: the model learnt nothing (check its regularisation "
             "and the number of instruments: at most 5 a day)") in result.stderr
@@ -124,7 +125,7 @@ def test_constant_day_share_counts_days_with_one_score_for_every_name():
 
 def test_a_test_segment_after_the_provider_s_last_day_is_an_error_before_fitting(tmp_path):
     provider = make_provider(tmp_path / "provider", "2021-01-01", "2022-06-30")
-    result = qrun(REPO / "workflows" / "lgb_vn30.yaml", provider, tmp_path / "run")
+    result = qrun(write_workflow(tmp_path / "wf", "lgb_vn30.yaml", append=FEW_FEATURES), provider, tmp_path / "run")
     assert result.returncode == 1
     assert ("segment 'test' [2023-01-01, 2024-09-26] starts after the provider's last day 2022-06-30: nothing to "
             "fit or predict there (labelled days run 2021-01-04 .. 2022-06-28)") in result.stderr

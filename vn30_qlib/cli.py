@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 DEFAULT_PROVIDER = "~/.qlib/qlib_data/vn30_sim"
 
@@ -58,8 +59,7 @@ def _loop(args: argparse.Namespace) -> int:
 
     results = run_loop(args.workflows, args.provider, args.store, symbols=args.symbols, modes=args.modes,
                        jobs=args.jobs, force=args.force, executor=args.executor, ray_address=args.ray_address,
-                       seeds=args.seeds,
-                       tracking_uri=args.tracking_uri)
+                       seeds=args.seeds, backtest=args.backtest, tracking_uri=args.tracking_uri)
     counts = {status: sum(r["status"] == status for r in results) for status in ("done", "skipped", "failed")}
     print(f"loop finished: {counts['done']} fitted, {counts['skipped']} already done, {counts['failed']} failed")
     for failure in (r for r in results if r["status"] == "failed"):
@@ -128,11 +128,20 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
+def positive_int(unit: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number, 1 or more, of ``unit`` (named in the error: "trading days")."""
+    of_unit = f" of {unit}" if unit else ""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number{of_unit}, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be 1 or more{' ' + unit if unit else ''}, got {value}")
+        return value
+
+    return parse
 
 
 def _executor_arguments(parser: argparse.ArgumentParser) -> None:
@@ -205,10 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=["per_symbol", "pooled"], choices=["per_symbol", "pooled"],
                    help="per_symbol: one fit per symbol; pooled: one fit on all symbols per workflow "
                         "(default: per_symbol pooled)")
-    p.add_argument("--jobs", type=_positive_int, default=1, help="fits run at once, each in its own worker process "
+    p.add_argument("--jobs", type=positive_int(), default=1, help="fits run at once, each in its own worker process "
                                                                  "(default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", help="fit every entry once per seed, e.g. --seeds 0 1 2 3 4 "
                                                          "(default: the workflow's own seed)")
+    p.add_argument("--backtest", action="store_true",
+                   help="pooled fits also run their workflow's portfolio analysis (top-k, VN costs): excess return "
+                        "with and without cost in the store and the report (default: off)")
     p.add_argument("--force", action="store_true", help="retrain entries already stored with this config and data")
     _executor_arguments(p)
     p.add_argument("--tracking-uri", help="mlflow store of the recorder runs (default: sqlite:///{store}/mlruns.db; "
@@ -226,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", default=DEFAULT_PROVIDER, help="Qlib provider folder (default: %(default)s)")
     p.add_argument("--out", default="tuning", help="folder of the study (optuna.db) and its mlflow runs "
                                                    "(default: %(default)s)")
-    p.add_argument("--trials", type=_positive_int, help="total trials, counting those a stopped search finished "
+    p.add_argument("--trials", type=positive_int(), help="total trials, counting those a stopped search finished "
                                                         "(default: n_trials of the search space)")
-    p.add_argument("--jobs", type=_positive_int, default=1, help="trials run at once; 1 runs them one after "
+    p.add_argument("--jobs", type=positive_int(), default=1, help="trials run at once; 1 runs them one after "
                                                                  "another in this process (default: %(default)s)")
     _executor_arguments(p)
     p.set_defaults(handler=_tune)
@@ -240,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="harness", help="folder of harness.json and the folds' mlflow runs "
                                                     "(default: %(default)s)")
     p.add_argument("--seeds", default="0,1,2", help="model seeds, comma-separated (default: %(default)s)")
-    p.add_argument("--folds", type=_positive_int, default=4, help="walk-forward folds (default: %(default)s)")
-    p.add_argument("--valid-days", type=_positive_int, default=120,
+    p.add_argument("--folds", type=positive_int(), default=4, help="walk-forward folds (default: %(default)s)")
+    p.add_argument("--valid-days", type=positive_int("trading days"), default=120,
                    help="trading days of each fold's validation block (default: %(default)s)")
     p.set_defaults(handler=_harness)
 

@@ -10,7 +10,9 @@ parameters suited to one symbol's ~1.5k rows) into its kwargs. Pooled mode fits 
 seed: the model's ``seed`` kwarg (an ensemble's ``seeds``: the seed-th block of as many members) and its own
 store entry ``{model}.seed{seed}``. A `ModelEnsemble` (z-scores across the day's names) is pooled only. Each fit
 is one Qlib recorder run (experiment ``vn30_loop``) tagged with symbol, model, mode and config hash, and one
-version in the model store (`vn30_qlib.store`).
+version in the model store (`vn30_qlib.store`). With ``backtest``, a pooled fit also runs its workflow's own
+portfolio analysis (the ``PortAnaRecord`` of its ``record`` list: top-k strategy, VN costs, lots and limits) on its
+test predictions, and stores the excess returns with the other metrics.
 """
 from __future__ import annotations
 
@@ -184,7 +186,7 @@ def _failure_path(store_root: Path, entry: LoopEntry) -> Path:
 
 
 def fit_entry(entry: LoopEntry, provider: str, store_root: str, force: bool = False,
-              tracking_uri: str | None = None) -> dict:
+              tracking_uri: str | None = None, backtest: bool = False) -> dict:
     """Fit, evaluate and store one entry; never raises: a failure comes back with its error and traceback."""
     from vn30_qlib.workflow_config import load_workflow  # imports qlib: only workers need it, not the driver
 
@@ -200,7 +202,7 @@ def fit_entry(entry: LoopEntry, provider: str, store_root: str, force: bool = Fa
         if current and _same_fit(current, task_hash, fingerprint):
             return {**asdict(entry), "status": "skipped", "version": str(current)}
         version, stored = _fit_and_store(entry, task, task_hash, fingerprint, provider, target,
-                                         tracking_uri or sqlite_tracking_uri(store_root), force)
+                                         tracking_uri or sqlite_tracking_uri(store_root), force, backtest)
         return {**asdict(entry), "status": "done" if stored else "skipped", "version": str(version),
                 "seconds": time.perf_counter() - started}
     except Exception as error:  # one failing entry must not stop the loop
@@ -266,7 +268,7 @@ def _require_writable(store_root: Path) -> None:
 
 
 def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: dict, provider: str, target: Path,
-                   tracking_uri: str, force: bool) -> tuple[Path, bool]:
+                   tracking_uri: str, force: bool, backtest: bool = False) -> tuple[Path, bool]:
     """The new version, or the one another worker stored meanwhile (a retried or duplicated task), and
     whether this call stored it. The check and the write hold the entry's lock, so one fit lands once."""
     from qlib.data.dataset.handler import DataHandlerLP
@@ -293,6 +295,10 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
         metrics = evaluate(pred, label, learnt_label, entry.mode)
         R.save_objects(**{"pred.pkl": pred, "label.pkl": label})  # the recorder's own copies (Qlib's convention)
         R.log_metrics(**_flat_numbers(metrics))
+        if backtest and entry.mode == "pooled":
+            clock = time.perf_counter()
+            metrics["backtest"] = run_backtest(task, R.get_recorder())
+            timings["backtest_s"] = time.perf_counter() - clock
         run_id = R.get_recorder().id
     segments = task["dataset"]["kwargs"]["segments"]
     metadata = {
@@ -310,6 +316,27 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
         if current and _same_fit(current, task_hash, fingerprint):
             return current, False
         return store.save_version(target, model, task, predictions, metadata), True
+
+
+BACKTEST_METRICS = {  # the loop's name: the metric Qlib's PortAnaRecord logs (daily frequency)
+    "excess_return_with_cost": "1day.excess_return_with_cost.annualized_return",
+    "excess_ir_with_cost": "1day.excess_return_with_cost.information_ratio",
+    "excess_max_drawdown_with_cost": "1day.excess_return_with_cost.max_drawdown",
+    "excess_return_without_cost": "1day.excess_return_without_cost.annualized_return",
+}
+
+
+def run_backtest(task: dict, recorder) -> dict:
+    """The workflow's own portfolio analysis on the test predictions in ``recorder`` (its ``pred.pkl``): the
+    annualised excess returns against the benchmark, with and without cost, read from the metrics it logs."""
+    from qlib.utils import init_instance_by_config
+
+    configs = [record for record in task.get("record", []) if record["class"].endswith("PortAnaRecord")]
+    if not configs:
+        raise ValueError("backtest: the workflow's task.record has no PortAnaRecord to run")
+    init_instance_by_config(configs[0], recorder=recorder).generate()
+    logged = recorder.list_metrics()
+    return {name: float(logged[key]) for name, key in BACKTEST_METRICS.items()}
 
 
 def evaluate(pred: pd.Series, label: pd.Series, learnt_label: pd.Series, mode: str) -> dict:
@@ -395,13 +422,14 @@ def run_loop(workflows: Sequence[str | Path], provider: str | Path, store_root: 
              symbols: Iterable[str] | None = None, modes: Sequence[str] = ("per_symbol", "pooled"),
              jobs: int = 1, force: bool = False, progress: bool = True, executor: str = "local",
              ray_address: str | None = None, tracking_uri: str | None = None,
-             seeds: Sequence[int] | None = None) -> list[dict]:
+             seeds: Sequence[int] | None = None, backtest: bool = False) -> list[dict]:
     """Run (or resume) the loop; returns one result per entry, in plan order.
 
     ``executor``: ``local`` (``jobs`` worker processes) or ``ray`` (one Ray task per entry; see
     `vn30_qlib.executors`). ``tracking_uri``: the mlflow store of the recorder runs, by default
     ``sqlite:///{store_root}/mlruns.db``. ``seeds``: every entry fitted once per seed, each stored apart
-    (`LoopEntry.stored_as`), so the report gives the spread over seeds.
+    (`LoopEntry.stored_as`), so the report gives the spread over seeds. ``backtest``: pooled fits also run their
+    workflow's portfolio analysis (`run_backtest`); a fit already stored is not refitted for it (``force`` does).
     """
     from tqdm import tqdm
 
@@ -414,7 +442,7 @@ def run_loop(workflows: Sequence[str | Path], provider: str | Path, store_root: 
     _require_writable(store_root)
     tracking_uri = tracking_uri or sqlite_tracking_uri(store_root)
     create_tracking_store(tracking_uri)
-    calls = [(entry, provider, str(store_root), force, tracking_uri) for entry in entries]
+    calls = [(entry, provider, str(store_root), force, tracking_uri, backtest) for entry in entries]
     results: list[dict | None] = [None] * len(entries)
     with tqdm(total=len(entries), desc="vn30 loop", unit="fit", disable=not progress) as bar:
         pooled = [index for index, entry in enumerate(entries) if entry.mode == "pooled"]

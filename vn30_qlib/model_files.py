@@ -6,6 +6,7 @@
 - `SeedEnsemble`: one such folder per member, ``seed{s}/``.
 - `ModelEnsemble`: one such folder per member it kept, ``{name}/``, and ``ensemble.json`` naming them with every
   member's valid Rank IC.
+- `OneDayReversal`: an empty folder (it fits nothing).
 
 Reading builds the model from its stored config (Qlib's ``init_instance_by_config``) and sets the fitted state
 back. Any other model class is refused when writing: there is no pickle fallback.
@@ -24,17 +25,19 @@ from qlib.utils import init_instance_by_config
 
 from vn30_qlib.models.lstm import LSTM
 from vn30_qlib.models.model_ensemble import ModelEnsemble
+from vn30_qlib.models.reversal import OneDayReversal
 from vn30_qlib.models.seed_ensemble import SeedEnsemble
 from vn30_qlib.models.tft import TFT
 from vn30_qlib.store import StoreError, read_file
 
-SUPPORTED = "LightGBM's LGBModel, vn30_qlib's LSTM and TFT, and SeedEnsembles and ModelEnsembles of these"
+SUPPORTED = ("LightGBM's LGBModel, vn30_qlib's LSTM, TFT and OneDayReversal, and SeedEnsembles and ModelEnsembles "
+             "of these")
 ENSEMBLE_FILE = "ensemble.json"
 
 
 def write_model(model: Any, folder: Path) -> None:
     """Write a fitted ``model`` into the new folder ``folder``; `StoreError` for a class the store cannot keep."""
-    if not isinstance(model, (SeedEnsemble, ModelEnsemble, LGBModel, LSTM, TFT)):
+    if not isinstance(model, (SeedEnsemble, ModelEnsemble, LGBModel, LSTM, TFT, OneDayReversal)):
         raise StoreError(f"cannot store a {type(model).__module__}.{type(model).__name__}: the store keeps only "
                          f"models it can rebuild without unpickling ({SUPPORTED})")
     folder.mkdir()
@@ -48,7 +51,7 @@ def write_model(model: Any, folder: Path) -> None:
                                                         "valid_rank_ic": model.valid_rank_ic}))
     elif isinstance(model, LGBModel):
         (folder / "model.txt").write_text(model.model.model_to_string())
-    else:
+    elif isinstance(model, (LSTM, TFT)):
         tensors, fitted = _lstm_state(model) if isinstance(model, LSTM) else _tft_state(model)
         torch.save(tensors, folder / "weights.pt")
         (folder / "fitted.json").write_text(json.dumps(fitted))
@@ -83,6 +86,8 @@ def _restore(model: Any, folder: Path) -> Any:
         model.valid_rank_ic = fitted.get("valid_rank_ic", {})
     elif isinstance(model, LGBModel):
         model.model = read_file(folder / "model.txt", _read_booster, "a LightGBM text model")
+    elif isinstance(model, OneDayReversal):
+        pass
     elif isinstance(model, (LSTM, TFT)):
         tensors = read_file(folder / "weights.pt", lambda p: torch.load(p, map_location="cpu", weights_only=True),
                             "torch tensors")

@@ -241,10 +241,12 @@ def score_day(models: Sequence[LoadedModel], signal_day: pd.Timestamp) -> pd.Dat
 
 
 def combined_score(scores: pd.DataFrame) -> pd.Series:
-    """The mean over models of each model's scores z-scored across the day's names (models learn in different
-    units); NaN for a name no model scores."""
-    z = (scores - scores.mean()) / scores.std(ddof=0).replace(0.0, np.nan)
-    return z.mean(axis=1).where(scores.notna().any(axis=1))
+    """The mean over models of each model's scores z-scored across the day's names, as `ModelEnsemble` combines
+    its members (`daily_zscores`: models learn in different units); NaN for a name no model scores."""
+    from vn30_qlib.models.model_ensemble import daily_zscores
+
+    one_day = pd.concat({pd.Timestamp(0): scores}, names=["datetime"])
+    return daily_zscores(one_day).droplevel("datetime").mean(axis=1).where(scores.notna().any(axis=1))
 
 
 def price_limit_flags(close: pd.Series, previous_close: pd.Series, limit: float) -> pd.Series:

@@ -197,14 +197,14 @@ def format_retrain(results: Sequence[dict]) -> str:
 
 def add_retrain_command(commands) -> None:
     """Register ``retrain`` on the CLI's subcommands."""
-    from vn30_qlib.rolling.command import positive_step
+    from vn30_qlib.cli import positive_int
 
     p = commands.add_parser("retrain", help="retrain the pooled models whose next rolling window is due on an "
                                             "updated provider; store them as new versions")
     p.add_argument("--store", default="models", help="model store folder (default: %(default)s)")
     p.add_argument("--provider", default="~/.qlib/qlib_data/vn30_sim",
                    help="Qlib provider folder, updated with vn30-qlib data update (default: %(default)s)")
-    p.add_argument("--step", type=positive_step, default=20,
+    p.add_argument("--step", type=positive_int("trading days"), default=20,
                    help="trading days per rolling step: a model is retrained once STEP new days are labelled "
                         "after its test start (default: %(default)s)")
     p.add_argument("--models", help="pooled store entries, comma-separated, e.g. lgb,lstm (default: every one)")

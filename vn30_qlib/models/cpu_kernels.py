@@ -14,8 +14,9 @@ the same seed gives the same fitted weights to float32 rounding with the kernels
 variable ``VN30_CPU_KERNELS`` (1 = on, 0 = off); `resolve` is the one place that reads both, and a model's fit
 and predict run inside `use`. Code outside a model (tests, benchmarks) runs as "auto" unless inside `use`.
 
-The first call compiles them (about 50 s with 2 cores; needs a C++ compiler) into ``~/.cache/torch_extensions``,
-one build per CPU kind and torch version; later processes load that build. Linux builds with OpenMP; macOS
+The first call compiles them (about 50 s with 2 cores; needs a C++ compiler) into
+``~/.cache/torch_extensions/vn30_qlib``, one build per CPU kind, torch version and checkout; later processes load
+that build, and a build killed halfway is redone by the next. Linux builds with OpenMP; macOS
 (Apple's clang has no ``-fopenmp``) without, so there each kernel runs on one thread; Windows is not supported.
 Where they cannot be built, "auto" warns once, in one line, and runs torch's ops.
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Iterator
 
+import filelock
 import torch
 from qlib.log import get_module_logger
 
@@ -123,8 +125,23 @@ def _load() -> ModuleType:
         import ninja
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    return load(name=f"vn30_cpu_kernels_{_build_kind()}", sources=[str(source) for source in SOURCES],
-                extra_cflags=_compile_flags(), extra_ldflags=["-fopenmp"] if sys.platform == "linux" else [])
+    name = f"vn30_cpu_kernels_{_build_kind()}"
+    folder = build_folder(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    # torch guards a build with a plain `lock` file that a process killed mid-build leaves behind, and every later
+    # load then waits for it forever. Loads of this folder take this lock first (flock: freed when its holder dies),
+    # so a torch `lock` found while holding it belongs to no running build.
+    with filelock.FileLock(f"{folder}.load-lock"):
+        (folder / "lock").unlink(missing_ok=True)
+        return load(name=name, sources=[str(source) for source in SOURCES], build_directory=str(folder),
+                    extra_cflags=_compile_flags(), extra_ldflags=["-fopenmp"] if sys.platform == "linux" else [])
+
+
+def build_folder(name: str) -> Path:
+    """Where the build ``name`` lives: torch's extensions folder (``TORCH_EXTENSIONS_DIR``, by default
+    ``~/.cache/torch_extensions``), in a folder of this package's builds."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return Path(root) / "vn30_qlib" / name
 
 
 def _compile_flags() -> list[str]:
@@ -137,8 +154,8 @@ def _compile_flags() -> list[str]:
 def _build_kind() -> str:
     """A short hash of this CPU's instruction-set flags, torch's version and the sources' folder: ``-march=native``
     code runs only on CPUs like the one that compiled it, a build links one torch, and torch's build file names the
-    sources by path (another checkout's load would rebuild it, and a process killed mid-build leaves a lock that
-    stalls the next); a home folder shared by machines, virtual environments or checkouts keeps one build per kind."""
+    sources by path (another checkout's load would rebuild it); a home folder shared by machines, virtual
+    environments or checkouts keeps one build per kind."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):

@@ -11,19 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+from vn30_qlib.cli import positive_int
+
 METHODS = ("rr", "ddgda")
 SUMMARY_METRICS = ("IC", "ICIR", "Rank IC", "Rank ICIR", "1day.excess_return_with_cost.annualized_return",
                    "1day.excess_return_with_cost.information_ratio")
-
-
-def positive_step(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of trading days, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more trading days, got {value}")
-    return value
 
 
 def train_window(text: str) -> int | None:
@@ -41,7 +33,7 @@ def add_rolling_command(commands) -> None:
     p = commands.add_parser("rolling", help="rolling retraining (rr) or DDG-DA of a workflow through Qlib's "
                                             "qlib.contrib.rolling; results in Qlib's recorder like qrun")
     p.add_argument("--workflow", required=True, help="workflow YAML, e.g. workflows/lgb_vn30.yaml")
-    p.add_argument("--step", required=True, type=positive_step,
+    p.add_argument("--step", required=True, type=positive_int("trading days"),
                    help="trading days per rolling task: the model is refitted every STEP days of the test segment")
     p.add_argument("--method", default="rr", choices=METHODS,
                    help="rr: refit on the data before each window; ddgda: Qlib's DDG-DA reweights each refit's "
@@ -53,7 +45,7 @@ def add_rolling_command(commands) -> None:
                                       "VN30_PROVIDER or ~/.qlib/qlib_data/vn30_sim)")
     p.add_argument("--experiment", help="experiment of the joined results (default: the workflow's "
                                         "experiment_name + _rr or _ddgda)")
-    p.add_argument("--hist-steps", type=positive_step, default=30,
+    p.add_argument("--hist-steps", type=positive_int("steps"), default=30,
                    help="ddgda: steps of proxy-model history the meta-model reads per task (default: %(default)s)")
     p.set_defaults(handler=rolling_command)
 
