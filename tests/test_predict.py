@@ -289,3 +289,39 @@ def test_a_name_without_a_bar_on_the_signal_day_gets_no_score_and_is_sold():
     assert table.loc["C", "order"] == "sell" and table.loc["C", "order_shares"] == 1_000
     assert table.loc["A", "at_limit"] == "up"  # 10 * 1.07 = 10.7, on the 0.05 tick
     assert table[["order", "target_shares"]].loc[["A", "B"]].values.tolist() == [["buy", 9_300], ["buy", 4_900]]
+
+
+def test_features_come_from_the_models_window_only_with_the_scores_of_a_full_refit(trained, sim_provider, tmp_path,
+                                                                                 monkeypatch):
+    """A version keeps its processors' fitted state, so predict computes features from a few weeks before the
+    signal day (not from 2021) and still gives the scores the loop stored; a sequence model (a 1-epoch LSTM on a
+    10-day window) reads its whole window from that short span."""
+    from vn30_qlib import processor_state
+    from vn30_qlib.loop import init_qlib_for
+    from vn30_qlib.predict import LoadedModel, score_day
+
+    provider, store_root = trained
+    lstm = tmp_path / "lstm_vn30.yaml"
+    lstm.write_text(WORKFLOW.replace(
+        "class: LGBModel\n        module_path: vn30_qlib.models.lgb\n        kwargs: {loss: mse, num_boost_round: 20, "
+        "early_stopping_rounds: 5, num_leaves: 7, learning_rate: 0.1,\n                  num_threads: 1, seed: 0, "
+        "verbosity: -1}",
+        "class: LSTM\n        module_path: vn30_qlib.models.lstm\n        kwargs: {d_feat: 6, hidden_size: 8, "
+        "num_layers: 1, n_epochs: 1, step_len: 10, n_threads: 1, seed: 0}"))
+    result = fit_entry(LoopEntry(str(lstm), "pooled", None), str(provider), str(store_root))
+    assert result["status"] == "done", result.get("traceback")
+    built = []
+    original = processor_state.handler_with_state
+    monkeypatch.setattr(processor_state, "handler_with_state",
+                        lambda config, states: built.append(original(config, states)) or built[-1])
+    init_qlib_for(provider)
+    day = pd.Timestamp("2024-09-26")
+    for name in ("lgb", "lstm"):
+        version = store.latest(store_root / "pooled" / name)
+        model, task, stored, metadata = store.load(version)
+        assert [state["class"] for state in metadata["processors"]][:3] == ["InfToNan", "RobustZScoreNorm", "Fillna"]
+        scores = score_day([LoadedModel(name, version, model, task, metadata)], day)[f"score_{name}"]
+        expected = stored["score"].xs(day, level="datetime").reindex(scores.index)
+        assert np.allclose(scores, expected, rtol=0, atol=1e-6), name
+    first_days = [handler.fetch(col_set="feature").index.get_level_values("datetime").min() for handler in built]
+    assert len(first_days) == 2 and all(day - first < pd.Timedelta(days=60) for first in first_days), first_days

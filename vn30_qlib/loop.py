@@ -275,6 +275,8 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
     from qlib.utils import init_instance_by_config
     from qlib.workflow import R
 
+    from vn30_qlib.processor_state import fitted_state
+
     init_qlib_for(provider, tracking_uri)
     timings = {}
     with R.start(experiment_name=EXPERIMENT, recorder_name=entry.label()):
@@ -308,6 +310,7 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
         "seed": entry.seed if entry.seed is not None else task["model"].get("kwargs", {}).get("seed"),
         "packages": {name: package_version(name) for name in PACKAGES} | {"python": platform.python_version()},
         "metrics": metrics, "timings": timings, "mlflow_run_id": run_id, "mlflow_tracking_uri": tracking_uri,
+        "processors": fitted_state(dataset.handler),  # lets predict skip refitting them (vn30_qlib.processor_state)
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     predictions = pred.rename("score").to_frame().assign(label=label.reindex(pred.index))

@@ -10,8 +10,11 @@ D's close, as in the workflows' backtests). Each chosen model is the latest vers
   rebuilt or re-adjusted does not;
 - day t lies after the segments it was fitted and early-stopped on (a prediction there would be in-sample).
 
-The stored dataset config is rebuilt with the handler ending at t and one segment ``[t, t]``: the processors are
-fitted on the same train window as in the fit, so a stored model re-predicts its test days exactly.
+The stored dataset config is rebuilt with the handler ending at t and one segment ``[t, t]``. Its processors get
+the state they were fitted to (kept as numbers in the version's metadata, `vn30_qlib.processor_state`), so the
+features are computed for the model's window before t only; a version without that state (a model ensemble,
+whose members fit their own) refits them on the same train window as in the fit. Either way a stored model
+re-predicts its test days exactly.
 
 The table has, for every name of market ``vn30``, the combined score (the mean of the models' per-day z-scores),
 its rank, each model's score, the 10/50/90 % quantiles of quantile models (the TFT; mean over an ensemble's
@@ -50,6 +53,7 @@ QUANTILES = (0.1, 0.5, 0.9)
 LEADING_COLUMNS = ("symbol", "rank", "score")
 PRICE_DECIMALS = 4
 PRICE_TOLERANCE = 1e-4  # thousand VND: float32 storage moves a price by far less than the smallest tick (0.01)
+LOOKBACK_MARGIN = 20  # trading days the handler holds before a model's window (`lookback_start`)
 LOOKAHEAD_DAYS = 20  # calendar days searched for the next trading day (Tet closes HOSE for 9 at most)
 
 
@@ -212,19 +216,40 @@ def strategy_of(model: LoadedModel) -> Strategy:
                        "so there is no strategy to build the target portfolio from")
 
 
+def lookback_start(model: object, signal_day: pd.Timestamp) -> pd.Timestamp:
+    """The first day the handler must hold for ``model`` to score ``signal_day``: the window of a sequence model
+    (``step_len`` days, the largest of an ensemble's members) plus a margin of `LOOKBACK_MARGIN` trading days."""
+    from qlib.data import D
+
+    members = getattr(model, "members", None)
+    windows = [getattr(member, "step_len", 1) for member in (members if isinstance(members, list) else [model])]
+    calendar = D.calendar(end_time=signal_day)
+    return pd.Timestamp(calendar[max(0, len(calendar) - max(windows) - LOOKBACK_MARGIN)])
+
+
 def score_day(models: Sequence[LoadedModel], signal_day: pd.Timestamp) -> pd.DataFrame:
     """Each model's score (``score_{name}``) and, for quantile models, ``{name}_q10/50/90`` of every name the
     models score on ``signal_day`` (Qlib initialised on the provider)."""
     from qlib.data.dataset import DatasetH
+
+    from vn30_qlib.models.model_ensemble import ModelEnsemble
+    from vn30_qlib.processor_state import handler_with_state
 
     datasets: dict[str, DatasetH] = {}
     columns = {}
     for loaded in models:
         handler = copy.deepcopy(loaded.task["dataset"]["kwargs"]["handler"])
         handler.setdefault("kwargs", {})["end_time"] = f"{signal_day:%Y-%m-%d}"
-        key = json.dumps(handler, sort_keys=True, default=str)
+        states = loaded.metadata.get("processors")
+        if states is not None and not isinstance(loaded.model, ModelEnsemble):  # (its members fit their own)
+            # the processors as fitted: features from a few weeks before the signal day only, not from the train
+            # start (Qlib reads the history each feature's window needs before start_time)
+            handler["kwargs"]["start_time"] = f"{lookback_start(loaded.model, signal_day):%Y-%m-%d}"
+        key = json.dumps([handler, states], sort_keys=True, default=str)
         if key not in datasets:  # models on one handler config share its (slow) feature computation
-            datasets[key] = DatasetH(handler=handler, segments={"test": (signal_day, signal_day)})
+            built = handler_with_state(handler, states) if states is not None and \
+                not isinstance(loaded.model, ModelEnsemble) else handler
+            datasets[key] = DatasetH(handler=built, segments={"test": (signal_day, signal_day)})
         dataset = datasets[key]
         columns[f"score_{loaded.name}"] = loaded.model.predict(dataset, segment="test")
         members = getattr(loaded.model, "members", None) or [loaded.model]
