@@ -321,25 +321,25 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
         return store.save_version(target, model, task, predictions, metadata), True
 
 
-BACKTEST_METRICS = {  # the loop's name: the metric Qlib's PortAnaRecord logs (daily frequency)
-    "excess_return_with_cost": "1day.excess_return_with_cost.annualized_return",
-    "excess_ir_with_cost": "1day.excess_return_with_cost.information_ratio",
-    "excess_max_drawdown_with_cost": "1day.excess_return_with_cost.max_drawdown",
-    "excess_return_without_cost": "1day.excess_return_without_cost.annualized_return",
+BACKTEST_METRICS = {  # the loop's name: (the analysis, the measure) in Qlib's portfolio analysis of the day
+    "excess_return_with_cost": ("excess_return_with_cost", "annualized_return"),
+    "excess_ir_with_cost": ("excess_return_with_cost", "information_ratio"),
+    "excess_max_drawdown_with_cost": ("excess_return_with_cost", "max_drawdown"),
+    "excess_return_without_cost": ("excess_return_without_cost", "annualized_return"),
 }
 
 
 def run_backtest(task: dict, recorder) -> dict:
     """The workflow's own portfolio analysis on the test predictions in ``recorder`` (its ``pred.pkl``): the
-    annualised excess returns against the benchmark, with and without cost, read from the metrics it logs."""
+    annualised excess returns against the benchmark, with and without cost, from the analysis it returns (what it
+    logs reaches the recorder asynchronously)."""
     from qlib.utils import init_instance_by_config
 
     configs = [record for record in task.get("record", []) if record["class"].endswith("PortAnaRecord")]
     if not configs:
         raise ValueError("backtest: the workflow's task.record has no PortAnaRecord to run")
-    init_instance_by_config(configs[0], recorder=recorder).generate()
-    logged = recorder.list_metrics()
-    return {name: float(logged[key]) for name, key in BACKTEST_METRICS.items()}
+    analysis = init_instance_by_config(configs[0], recorder=recorder).generate()["port_analysis_1day.pkl"]["risk"]
+    return {name: float(analysis[key]) for name, key in BACKTEST_METRICS.items()}
 
 
 def evaluate(pred: pd.Series, label: pd.Series, learnt_label: pd.Series, mode: str) -> dict:
