@@ -16,7 +16,7 @@ from qlib.data.dataset import DatasetH
 from qlib.data.dataset.handler import DataHandlerLP
 from qlib.utils import init_instance_by_config
 
-from conftest import run_qrun
+from conftest import run_qrun, write_workflow
 from vn30_qlib.models import lstm as lstm_module
 from vn30_qlib.models.lstm import LSTM
 from vn30_qlib.models.training import LabelledRows
@@ -212,7 +212,8 @@ def test_interrupted_fit_resumes_from_its_checkpoint(planted, tmp_path, monkeypa
 @pytest.mark.slow
 def test_lstm_workflow_pickles_into_the_recorder(sim_provider, tmp_path):
     provider = sim_provider(0.1)
-    recorder = run_qrun("lstm_vn30.yaml", provider, tmp_path, "lstm_pickle", extra_env={"LSTM_EPOCHS": "2", "LSTM_THREADS": "1"})
+    workflow = write_workflow(tmp_path / "wf", "lstm_vn30.yaml", {"hidden_size: 64": "hidden_size: 16"})  # quicker
+    recorder = run_qrun(workflow, provider, tmp_path, "lstm_pickle", extra_env={"LSTM_EPOCHS": "2", "LSTM_THREADS": "1"})
     metrics = recorder.list_metrics()
     for key in ("IC", "Rank IC", "test_mse_learnt", "1day.excess_return_with_cost.annualized_return",
                 "train_loss", "valid_loss", "valid_ic"):

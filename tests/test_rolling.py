@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -338,3 +341,72 @@ def test_simulate_drift_on_the_command_line(tmp_path, capsys):
         assert exit_code(["data", "simulate", "--out", str(out), *argv]) == 2
         assert message in " ".join(capsys.readouterr().err.split())
         assert folder_hashes(tmp_path) == before
+
+
+def test_the_rolling_retrain_model_fits_the_tasks_of_qlibs_rolling(drifting, tmp_path, tracking_uri):
+    """`RollingRetrain`, the rolled model the loop and the store keep, fits the tasks `vn30-qlib rolling` fits
+    through Qlib's `Rolling`: the same windows and, LightGBM being deterministic on one thread, the same
+    predictions."""
+    from qlib.utils import init_instance_by_config
+    from qlib.workflow import R
+
+    from vn30_qlib.loop import init_qlib_for
+    from vn30_qlib.workflow_config import load_workflow
+
+    init_qlib_for(drifting["provider"], tracking_uri)
+    task = load_workflow(write_small_workflow(tmp_path), {"VN30_PROVIDER": str(drifting["provider"])})["task"]
+    model = init_instance_by_config({"class": "RollingRetrain", "module_path": "vn30_qlib.models.rolling_retrain",
+                                     "kwargs": {"model": task["model"], "step": STEP, "train_window": TRAIN_WINDOW}})
+    dataset = init_instance_by_config(task["dataset"])
+    with R.start(experiment_name="rolling_retrain"):  # as qrun fits: LightGBM logs its curves to a recorder
+        model.fit(dataset)
+    assert [start for start, _ in model.windows] == [start for start, _ in drifting["reads"]]
+    ours = model.predict(dataset)
+    qlibs = drifting["recorder"].load_object("pred.pkl").iloc[:, 0]
+    assert ours.index.equals(qlibs.index)
+    np.testing.assert_allclose(ours.to_numpy(), qlibs.to_numpy(), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="before the first window"):
+        model.predict(type(dataset)(handler=dataset.handler, segments={"test": ("2021-12-01", "2022-02-01")}))
+
+
+def test_the_loop_stores_a_rolled_workflow_and_validate_reloads_it(tmp_path):
+    """A rolled workflow in the loop: pooled and per symbol, the seed and the per-symbol kwargs reach each
+    window's model, and the stored version (one LightGBM text model per window) re-predicts the same."""
+    from vn30_qlib import store
+    from vn30_qlib.data.simulate import write_simulated_provider
+    from vn30_qlib.loop import run_loop
+
+    provider = write_simulated_provider(tmp_path / "provider", seed=0, signal=0.1, start="2018-06-01")
+    small = write_small_workflow(tmp_path, test_end="2022-06-29").read_text()
+    model = small[small.index("    model:\n"):small.index("    dataset:\n")]  # the LightGBM's class and kwargs
+    wrapped = ("    model:\n        class: RollingRetrain\n        module_path: vn30_qlib.models.rolling_retrain\n"
+               "        kwargs:\n            step: 60\n" + textwrap.indent(model, "        ")
+               + "        per_symbol_kwargs: {num_leaves: 3}\n")
+    rolled = tmp_path / "lgb_rolling_vn30.yaml"
+    rolled.write_text(small.replace(model, wrapped))
+    results = run_loop([rolled], provider, tmp_path / "models", symbols=["ACB"], progress=False, seeds=[1])
+    assert [r["status"] for r in results] == ["done", "done"], [r.get("error") for r in results]
+    for entry in ("pooled/lgb_rolling.seed1", "symbols/ACB/lgb_rolling.seed1"):
+        version = store.latest(tmp_path / "models" / entry)
+        member = store.read_task(version)["model"]["kwargs"]["model"]["kwargs"]
+        assert member["seed"] == 1 and (member.get("num_leaves") == 3) == entry.startswith("symbols")
+        windows = sorted(p.name for p in (version / "model").iterdir())
+        assert windows == ["window0", "window1", "windows.json"]
+        assert all((version / "model" / name / "model.txt").is_file() for name in windows[:2])
+    # in a process of its own: this one's Qlib holds the recorder of the module's rolling runs
+    validated = subprocess.run([sys.executable, "-m", "vn30_qlib.cli", "validate",
+                                *(str(store.latest(tmp_path / "models" / entry)) for entry in
+                                  ("pooled/lgb_rolling.seed1", "symbols/ACB/lgb_rolling.seed1"))],
+                               capture_output=True, text=True)
+    assert validated.returncode == 0, validated.stderr[-3000:]
+
+
+def test_the_shipped_rolled_workflow_refits_lgb_vn30s_model():
+    from vn30_qlib.workflow_config import load_workflow
+
+    rolled = load_workflow(REPO / "workflows" / "lgb_rolling_vn30.yaml")["task"]
+    static = load_workflow(REPO / "workflows" / "lgb_vn30.yaml")["task"]
+    assert rolled["model"]["kwargs"]["model"] == {key: static["model"][key] for key in ("class", "module_path", "kwargs")}
+    assert rolled["model"]["per_symbol_kwargs"] == static["model"]["per_symbol_kwargs"]
+    assert rolled["model"]["kwargs"]["step"] == 20
+    assert rolled["dataset"] == static["dataset"] and rolled["record"] == static["record"]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from test_tft import SMALL, dataset, rank_ic
+from test_tft import SHORT_SEGMENTS, SMALL, dataset, rank_ic
 from vn30_qlib.models import training
 from vn30_qlib.models.seed_ensemble import SeedEnsemble
 from vn30_qlib.models.tft import TFT
@@ -19,7 +19,7 @@ TFT_CONFIG = {"class": "TFT", "module_path": "vn30_qlib.models.tft", "kwargs": S
 
 
 def test_the_ensemble_is_the_mean_of_its_members_fitted_alone(sim_provider, tmp_path, monkeypatch):
-    data = dataset(sim_provider(0.1))
+    data = dataset(sim_provider(0.1), segments=SHORT_SEGMENTS)
     config = {**TFT_CONFIG, "kwargs": {**SMALL, "checkpoint_dir": str(tmp_path / "checkpoints")}}
     ensemble = SeedEnsemble(config, seeds=[0, 1])
     logged: dict[str, float] = {}  # what the members log to a running recorder (as under qrun), without one

@@ -8,7 +8,7 @@ model config nested in them (a `SeedEnsemble`'s members), and merges the model's
 parameters suited to one symbol's ~1.5k rows) into its kwargs. Pooled mode fits the workflow as is (without
 ``per_symbol_kwargs``) and evaluates it per symbol. With seeds, each (model, mode, symbol) is fitted once per
 seed: the model's ``seed`` kwarg (an ensemble's ``seeds``: the seed-th block of as many members) and its own
-store entry ``{model}.seed{seed}``. A `ModelEnsemble` (z-scores across the day's names) is pooled only. Each fit
+store entry ``{model}.seed{seed}``; a `RollingRetrain`'s seed and per-symbol kwargs go to the model it refits. A `ModelEnsemble` (z-scores across the day's names) is pooled only. Each fit
 is one Qlib recorder run (experiment ``vn30_loop``) tagged with symbol, model, mode and config hash, and one
 version in the model store (`vn30_qlib.store`). With ``backtest``, a pooled fit also runs its workflow's own
 portfolio analysis (the ``PortAnaRecord`` of its ``record`` list: top-k strategy, VN costs, lots and limits) on its
@@ -45,6 +45,8 @@ EXPERIMENT = "vn30_loop"
 CROSS_SECTIONAL_LABEL_PROCESSORS = {"CSZScoreNorm", "CSRankNorm", "CrossSectionalZScore"}
 # models that combine scores across the day's names, which one name a day cannot give: no per-symbol mode
 CROSS_SECTIONAL_MODELS = {"ModelEnsemble"}
+# models that refit another model config (their kwarg ``model``): seeds and per-symbol kwargs go to that one
+WRAPPER_MODELS = {"RollingRetrain"}
 # model kwarg: (cross-sectional value, its per-symbol replacement)
 CROSS_SECTIONAL_MODEL_KWARGS = {"metric": ("ic", "loss"), "loss": ("ic", "mse")}
 PACKAGES = ("pyqlib", "torch", "lightgbm", "pandas", "numpy", "mlflow", "vn30-qlib")
@@ -124,8 +126,9 @@ def adapt_task(task: dict, mode: str, symbol: str | None, seed: int | None = Non
     change)."""
     task = copy.deepcopy(task)
     per_symbol_kwargs = task["model"].pop("per_symbol_kwargs", None) or {}
+    fitted = _fitted_model(task["model"])
     if seed is not None:
-        _set_seed(task["model"].setdefault("kwargs", {}), seed)
+        _set_seed(fitted.setdefault("kwargs", {}), seed)
     if mode == "pooled":
         return task
     if mode != "per_symbol":
@@ -140,9 +143,17 @@ def adapt_task(task: dict, mode: str, symbol: str | None, seed: int | None = Non
         {"class": "ZScoreNorm", "kwargs": {"fields_group": "label"}}
         if p.get("class") in CROSS_SECTIONAL_LABEL_PROCESSORS else p for p in learn
     ]
-    task["model"].setdefault("kwargs", {}).update(per_symbol_kwargs)
+    fitted.setdefault("kwargs", {}).update(per_symbol_kwargs)
     _replace_cross_sectional(task["model"])
     return task
+
+
+def _fitted_model(model: dict) -> dict:
+    """The config whose fits the seed and the per-symbol kwargs reach: the model, or the one a `RollingRetrain`
+    refits (its ``model``)."""
+    while model.get("class") in WRAPPER_MODELS:
+        model = model["kwargs"]["model"]
+    return model
 
 
 def _set_seed(kwargs: dict, seed: int) -> None:

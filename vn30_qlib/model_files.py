@@ -7,6 +7,7 @@
 - `ModelEnsemble`: one such folder per member it kept, ``{name}/``, and ``ensemble.json`` naming them with every
   member's valid Rank IC.
 - `OneDayReversal`: an empty folder (it fits nothing).
+- `RollingRetrain`: one such folder per window, ``window{k}/``, and ``windows.json`` with each window's test dates.
 
 Reading builds the model from its stored config (Qlib's ``init_instance_by_config``) and sets the fitted state
 back. Any other model class is refused when writing: there is no pickle fallback.
@@ -26,18 +27,20 @@ from qlib.utils import init_instance_by_config
 from vn30_qlib.models.lstm import LSTM
 from vn30_qlib.models.model_ensemble import ModelEnsemble
 from vn30_qlib.models.reversal import OneDayReversal
+from vn30_qlib.models.rolling_retrain import RollingRetrain
 from vn30_qlib.models.seed_ensemble import SeedEnsemble
 from vn30_qlib.models.tft import TFT
 from vn30_qlib.store import StoreError, read_file
 
-SUPPORTED = ("LightGBM's LGBModel, vn30_qlib's LSTM, TFT and OneDayReversal, and SeedEnsembles and ModelEnsembles "
-             "of these")
+SUPPORTED = ("LightGBM's LGBModel, vn30_qlib's LSTM, TFT and OneDayReversal, and SeedEnsembles, ModelEnsembles and "
+             "RollingRetrains of these")
+WINDOWS_FILE = "windows.json"
 ENSEMBLE_FILE = "ensemble.json"
 
 
 def write_model(model: Any, folder: Path) -> None:
     """Write a fitted ``model`` into the new folder ``folder``; `StoreError` for a class the store cannot keep."""
-    if not isinstance(model, (SeedEnsemble, ModelEnsemble, LGBModel, LSTM, TFT, OneDayReversal)):
+    if not isinstance(model, (SeedEnsemble, ModelEnsemble, RollingRetrain, LGBModel, LSTM, TFT, OneDayReversal)):
         raise StoreError(f"cannot store a {type(model).__module__}.{type(model).__name__}: the store keeps only "
                          f"models it can rebuild without unpickling ({SUPPORTED})")
     folder.mkdir()
@@ -49,6 +52,11 @@ def write_model(model: Any, folder: Path) -> None:
             write_model(member, folder / name)
         (folder / ENSEMBLE_FILE).write_text(json.dumps({"kept": list(model.fitted_members),
                                                         "valid_rank_ic": model.valid_rank_ic}))
+    elif isinstance(model, RollingRetrain):
+        for number, member in enumerate(model.members):
+            write_model(member, folder / f"window{number}")
+        (folder / WINDOWS_FILE).write_text(json.dumps([[f"{start:%Y-%m-%d}", f"{end:%Y-%m-%d}"]
+                                                       for start, end in model.windows]))
     elif isinstance(model, LGBModel):
         (folder / "model.txt").write_text(model.model.model_to_string())
     elif isinstance(model, (LSTM, TFT)):
@@ -86,8 +94,19 @@ def _restore(model: Any, folder: Path) -> Any:
         model.valid_rank_ic = fitted.get("valid_rank_ic", {})
     elif isinstance(model, LGBModel):
         model.model = read_file(folder / "model.txt", _read_booster, "a LightGBM text model")
+    elif isinstance(model, RollingRetrain):
+        windows = read_file(folder / WINDOWS_FILE, lambda p: json.loads(p.read_text()), "JSON")
+        if not (isinstance(windows, list) and windows and all(isinstance(w, list) and len(w) == 2 for w in windows)):
+            raise StoreError(f"{folder / WINDOWS_FILE}: must list each window's [start, end] test dates, got "
+                             f"{str(windows)[:200]}")
+        try:
+            model.windows = [(pd.Timestamp(start), pd.Timestamp(end)) for start, end in windows]
+        except (TypeError, ValueError) as error:
+            raise StoreError(f"{folder / WINDOWS_FILE}: a window's dates do not parse ({error})") from None
+        model.members = [_restore(init_instance_by_config(model.model), folder / f"window{number}")
+                         for number in range(len(windows))]
     elif isinstance(model, OneDayReversal):
-        pass
+        pass  # nothing fitted
     elif isinstance(model, (LSTM, TFT)):
         tensors = read_file(folder / "weights.pt", lambda p: torch.load(p, map_location="cpu", weights_only=True),
                             "torch tensors")

@@ -24,6 +24,7 @@ import uuid
 from copy import deepcopy
 from functools import cached_property
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import pandas as pd
 from qlib.contrib.rolling.base import Rolling
@@ -41,6 +42,43 @@ from vn30_qlib.workflow_config import load_workflow
 
 class RollingError(ValueError):
     """A rolling run asked for something the workflow or the provider cannot give (the CLI exits 2)."""
+
+
+Segments = dict[str, tuple[pd.Timestamp, pd.Timestamp]]
+
+
+def first_segments(segments: Mapping[str, Sequence], train_window: int | None, calendar: pd.DatetimeIndex) -> Segments:
+    """The workflow's segments as the first rolling task starts from: train from the provider's second day at the
+    earliest (`RollingGen` asserts that no segment starts on calendar index 0), or its last ``train_window``
+    trading days."""
+    segments = {name: (pd.Timestamp(start), pd.Timestamp(end)) for name, (start, end) in segments.items()}
+    train_start, train_end = segments["train"]
+    first = max(int(calendar.searchsorted(train_start)), 1)
+    if train_window is not None:
+        last = int(calendar.searchsorted(train_end, side="right")) - 1
+        if last - train_window + 1 < 1:
+            raise RollingError(f"train window of {train_window} trading days is longer than the {last} days from "
+                               f"the provider's second day to the train end {train_end:%Y-%m-%d}")
+        first = last - train_window + 1
+    segments["train"] = (calendar[first], train_end)
+    return segments
+
+
+def rolled_segments(segments: Mapping[str, Sequence], step: int, train_window: int | None, reach: int,
+                    calendar: pd.DatetimeIndex) -> list[Segments]:
+    """Each rolling task's segments, as Qlib's `RollingGen` rolls them (Qlib initialised on the provider): test
+    windows of ``step`` trading days, the last ending on the workflow's test end; train expanding (``train_window``
+    None) or sliding; every segment before a window cut ``reach + 1`` trading days before it."""
+    first = first_segments(segments, train_window, calendar)
+    rtype = RollingGen.ROLL_EX if train_window is None else RollingGen.ROLL_SD
+    generator = RollingGen(step=step, rtype=rtype, trunc_days=reach + 1)
+    test_end = calendar[calendar.searchsorted(first["test"][1], side="right") - 1]
+    rolled = []
+    for task in task_generator({"dataset": {"kwargs": {"segments": first}}}, generator):
+        window = task["dataset"]["kwargs"]["segments"]
+        start, end = window["test"]
+        rolled.append({**window, "test": (start, test_end if end is None or end > test_end else end)})
+    return rolled
 
 
 class VN30Rolling(Rolling):
@@ -79,19 +117,8 @@ class VN30Rolling(Rolling):
     def basic_task(self, enable_handler_cache: bool | None = True) -> dict:
         """The workflow's task with Qlib-aligned segments; with ``enable_handler_cache`` the shared handler."""
         task = deepcopy(self.workflow_config["task"])
-        segments = {name: (pd.Timestamp(start), pd.Timestamp(end))
-                    for name, (start, end) in task["dataset"]["kwargs"]["segments"].items()}
-        train_start, train_end = segments["train"]
-        first = max(int(self.calendar.searchsorted(train_start)), 1)  # RollingGen asserts index > 0
-        if self.train_window is not None:
-            last = int(self.calendar.searchsorted(train_end, side="right")) - 1
-            if last - self.train_window + 1 < 1:
-                raise RollingError(f"train window of {self.train_window} trading days is longer than the "
-                                   f"{last} days from the provider's second day to the train end "
-                                   f"{train_end:%Y-%m-%d}")
-            first = last - self.train_window + 1
-        segments["train"] = (self.calendar[first], train_end)
-        task["dataset"]["kwargs"]["segments"] = segments
+        task["dataset"]["kwargs"]["segments"] = first_segments(task["dataset"]["kwargs"]["segments"],
+                                                               self.train_window, self.calendar)
         if enable_handler_cache:
             task["dataset"]["kwargs"]["handler"] = self.shared_handler
         return task
@@ -102,18 +129,17 @@ class VN30Rolling(Rolling):
 
     def get_task_list(self) -> list[dict]:
         """One task per ``step`` test days, each cut ``reach + 1`` days before its test window."""
-        rtype = RollingGen.ROLL_EX if self.train_window is None else RollingGen.ROLL_SD
-        generator = RollingGen(step=self.step, rtype=rtype, trunc_days=self.horizon + 1,
-                               task_copy_func=deepcopy_basic_type)  # a deepcopy would drop the handler's data
-        tasks = task_generator(self.basic_task(), generator)
-        test_end = self.calendar[self.calendar.searchsorted(self.test_segment[1], side="right") - 1]
-        for task in tasks:
-            segments = task["dataset"]["kwargs"]["segments"]
-            start, end = segments["test"]
-            segments["test"] = (start, test_end if end is None or end > test_end else end)
+        base = self.basic_task()
+        tasks = []
+        for segments in rolled_segments(self.workflow_config["task"]["dataset"]["kwargs"]["segments"], self.step,
+                                        self.train_window, self.horizon, self.calendar):
+            task = deepcopy_basic_type(base)  # a deepcopy would drop the handler's data
+            task["dataset"]["kwargs"]["segments"] = segments
             task["record"] = ["qlib.workflow.record_temp.SignalRecord"]
+            tasks.append(task)
+        test_windows = [task["dataset"]["kwargs"]["segments"]["test"] for task in tasks]
         self.logger.info(f"{len(tasks)} rolling tasks of {self.step} days, test windows "
-                         f"{tasks[0]['dataset']['kwargs']['segments']['test'][0]:%Y-%m-%d} .. {test_end:%Y-%m-%d}")
+                         f"{test_windows[0][0]:%Y-%m-%d} .. {test_windows[-1][1]:%Y-%m-%d}")
         self.task_count = len(tasks)
         return tasks
 
