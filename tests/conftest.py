@@ -138,10 +138,11 @@ def same_on_one_and_two_threads(run: Callable[[], Sequence[torch.Tensor]]) -> No
 
 # The files with the longest tests, first (measured under `-n 2`). With `--dist loadfile` xdist hands out whole
 # files in collection order, each worker holding the next one queued, so these start early and the two workers
-# finish together instead of one waiting while the other runs a long test that sorted last (test_seed_ensemble's
-# single 2-minute test ended two runs alone).
-SLOWEST_FILES = ("test_seed_ensemble.py", "test_loop.py", "test_tft.py", "test_executors.py", "test_rolling.py",
-                 "test_faults_store.py", "test_lgb_workflow.py", "test_lstm.py", "test_model_ensemble.py")
+# finish together instead of one waiting while the other runs a long test that sorted last (a 2-minute file listed
+# late ended two runs with one worker alone).
+SLOWEST_FILES = ("test_loop.py", "test_executors.py", "test_tft.py", "test_rolling.py", "test_lgb_workflow.py",
+                 "test_faults_store.py", "test_lstm.py", "test_workflow_faults.py", "test_cv_tune.py", "test_cli.py",
+                 "test_seed_ensemble.py", "test_model_ensemble.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:

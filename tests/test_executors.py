@@ -19,7 +19,6 @@ from vn30_qlib.executors import WorkerCannotSee, missing_paths, run_calls
 from vn30_qlib.loop import LoopEntry, create_tracking_store, fit_entry, run_loop
 
 pytestmark = pytest.mark.slow
-SYMBOLS = ["ACB", "FPT"]
 
 # A model whose fit kills its own worker process, counting its attempts in a file next to it.
 KILLER_MODEL = '''
@@ -51,24 +50,6 @@ def two_models(tmp_path_factory) -> list[Path]:
     return [lgb, lstm]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray instance for the module's Ray tests. The executors use a Ray that is already running (as on a
-    user's cluster) and leave it running; its warm workers spare each test Ray's start and the workers' imports."""
-    import ray
-
-    for attempt in range(3):  # Ray gives its raylet a fixed 30 s to register: on two busy cores it can miss that
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception as error:
-            ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(error):
-                raise
-    yield
-    ray.shutdown()
-
-
 def _timed_nap(seconds: float) -> tuple[float, float]:
     start = time.monotonic()
     time.sleep(seconds)
@@ -91,15 +72,15 @@ def _stored(store_root: Path) -> dict:
     return out
 
 
-def test_ray_loop_matches_the_local_loop(two_models, sim_provider, tmp_path, ray_session):
+def test_ray_loop_matches_the_local_loop(two_models, sim_provider, tmp_path):
     provider = sim_provider(0.1)
-    local = run_loop(two_models, provider, tmp_path / "local", symbols=SYMBOLS, modes=["per_symbol"], jobs=2,
+    local = run_loop(two_models, provider, tmp_path / "local", symbols=["ACB"], modes=["per_symbol"], jobs=2,
                      progress=False)
-    ray = run_loop(two_models, provider, tmp_path / "ray", symbols=SYMBOLS, modes=["per_symbol"], jobs=2,
+    ray = run_loop(two_models, provider, tmp_path / "ray", symbols=["ACB"], modes=["per_symbol"], jobs=2,
                    progress=False, executor="ray")
-    assert [r["status"] for r in local] == [r["status"] for r in ray] == ["done"] * 4
+    assert [r["status"] for r in local] == [r["status"] for r in ray] == ["done"] * 2
     from_local, from_ray = _stored(tmp_path / "local"), _stored(tmp_path / "ray")
-    assert set(from_local) == set(from_ray) == {(s, m) for s in SYMBOLS for m in ("lgb", "lstm")}
+    assert set(from_local) == set(from_ray) == {("ACB", m) for m in ("lgb", "lstm")}
     for key, (pred, metrics, config_hash) in from_local.items():
         ray_pred, ray_metrics, ray_hash = from_ray[key]
         pd.testing.assert_series_equal(pred, ray_pred, rtol=0, atol=1e-6)
@@ -110,7 +91,7 @@ def test_ray_loop_matches_the_local_loop(two_models, sim_provider, tmp_path, ray
         assert store.validate(version) < 1e-6
 
 
-def test_a_task_that_kills_its_worker_is_retried_then_recorded(two_models, sim_provider, tmp_path, ray_session):
+def test_a_task_that_kills_its_worker_is_retried_then_recorded(two_models, sim_provider, tmp_path):
     (tmp_path / "killer_model.py").write_text(KILLER_MODEL)
     attempts = tmp_path / "attempts.txt"
     killer = write_workflow(tmp_path / "wf", "lgb_vn30.yaml", {
@@ -129,7 +110,7 @@ def test_a_task_that_kills_its_worker_is_retried_then_recorded(two_models, sim_p
     assert not list((tmp_path / "models").glob("symbols/ACB/killer/v*")), "nothing half-written"
 
 
-def test_ray_search_records_every_trial(tmp_path, sim_provider, ray_session):
+def test_ray_search_records_every_trial(tmp_path, sim_provider):
     from vn30_qlib.tune import tune
 
     folder = tmp_path / "search"
@@ -153,7 +134,7 @@ def test_ray_search_records_every_trial(tmp_path, sim_provider, ray_session):
     assert Path(result["tuned_workflow"]).is_file()
 
 
-def test_a_node_that_cannot_see_the_provider_fails_fast(tmp_path, ray_session):
+def test_a_node_that_cannot_see_the_provider_fails_fast(tmp_path):
     missing = str(tmp_path / "not_shared" / "provider")
     assert missing_paths([missing], [str(tmp_path)]) == [f"{__import__('socket').gethostname()}: cannot read {missing}"]
     with pytest.raises(WorkerCannotSee, match="cannot read .*not_shared/provider"):

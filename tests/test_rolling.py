@@ -369,36 +369,41 @@ def test_the_rolling_retrain_model_fits_the_tasks_of_qlibs_rolling(drifting, tmp
         model.predict(type(dataset)(handler=dataset.handler, segments={"test": ("2021-12-01", "2022-02-01")}))
 
 
-def test_the_loop_stores_a_rolled_workflow_and_validate_reloads_it(tmp_path):
-    """A rolled workflow in the loop: pooled and per symbol, the seed and the per-symbol kwargs reach each
-    window's model, and the stored version (one LightGBM text model per window) re-predicts the same."""
+def test_the_loop_stores_a_rolled_workflow_and_validate_reloads_it(sim_provider, tmp_path):
+    """A rolled workflow in the loop: the stored version is one LightGBM text model per window plus the windows,
+    and it re-predicts the same."""
     from vn30_qlib import store
-    from vn30_qlib.data.simulate import write_simulated_provider
     from vn30_qlib.loop import run_loop
 
-    provider = write_simulated_provider(tmp_path / "provider", seed=0, signal=0.1, start="2018-06-01")
     small = write_small_workflow(tmp_path, test_end="2022-06-29").read_text()
     model = small[small.index("    model:\n"):small.index("    dataset:\n")]  # the LightGBM's class and kwargs
     wrapped = ("    model:\n        class: RollingRetrain\n        module_path: vn30_qlib.models.rolling_retrain\n"
-               "        kwargs:\n            step: 60\n" + textwrap.indent(model, "        ")
-               + "        per_symbol_kwargs: {num_leaves: 3}\n")
+               "        kwargs:\n            step: 60\n" + textwrap.indent(model, "        "))
     rolled = tmp_path / "lgb_rolling_vn30.yaml"
     rolled.write_text(small.replace(model, wrapped))
-    results = run_loop([rolled], provider, tmp_path / "models", symbols=["ACB"], progress=False, seeds=[1])
-    assert [r["status"] for r in results] == ["done", "done"], [r.get("error") for r in results]
-    for entry in ("pooled/lgb_rolling.seed1", "symbols/ACB/lgb_rolling.seed1"):
-        version = store.latest(tmp_path / "models" / entry)
-        member = store.read_task(version)["model"]["kwargs"]["model"]["kwargs"]
-        assert member["seed"] == 1 and (member.get("num_leaves") == 3) == entry.startswith("symbols")
-        windows = sorted(p.name for p in (version / "model").iterdir())
-        assert windows == ["window0", "window1", "windows.json"]
-        assert all((version / "model" / name / "model.txt").is_file() for name in windows[:2])
+    results = run_loop([rolled], sim_provider(0.1), tmp_path / "models", modes=["pooled"], progress=False, seeds=[1])
+    assert [r["status"] for r in results] == ["done"], [r.get("error") for r in results]
+    version = store.latest(tmp_path / "models" / "pooled" / "lgb_rolling.seed1")
+    assert store.read_task(version)["model"]["kwargs"]["model"]["kwargs"]["seed"] == 1
+    assert sorted(p.name for p in (version / "model").iterdir()) == ["window0", "window1", "windows.json"]
+    assert all((version / "model" / f"window{k}" / "model.txt").is_file() for k in (0, 1))
     # in a process of its own: this one's Qlib holds the recorder of the module's rolling runs
-    validated = subprocess.run([sys.executable, "-m", "vn30_qlib.cli", "validate",
-                                *(str(store.latest(tmp_path / "models" / entry)) for entry in
-                                  ("pooled/lgb_rolling.seed1", "symbols/ACB/lgb_rolling.seed1"))],
+    validated = subprocess.run([sys.executable, "-m", "vn30_qlib.cli", "validate", str(version)],
                                capture_output=True, text=True)
     assert validated.returncode == 0, validated.stderr[-3000:]
+
+
+def test_seeds_and_per_symbol_kwargs_reach_the_model_a_rolled_workflow_refits():
+    from vn30_qlib.loop import adapt_task
+    from vn30_qlib.workflow_config import load_workflow
+
+    task = load_workflow(REPO / "workflows" / "lgb_rolling_vn30.yaml")["task"]
+    pooled = adapt_task(task, "pooled", None, seed=3)["model"]["kwargs"]
+    assert pooled["model"]["kwargs"]["seed"] == 3 and "seed" not in pooled
+    assert pooled["model"]["kwargs"]["num_leaves"] == 210
+    per_symbol = adapt_task(task, "per_symbol", "ACB", seed=3)["model"]["kwargs"]
+    assert per_symbol["model"]["kwargs"]["seed"] == 3 and per_symbol["model"]["kwargs"]["num_leaves"] == 15
+    assert set(per_symbol) == {"step", "model"}
 
 
 def test_the_shipped_rolled_workflow_refits_lgb_vn30s_model():
