@@ -240,15 +240,15 @@ def score_day(models: Sequence[LoadedModel], signal_day: pd.Timestamp) -> pd.Dat
     for loaded in models:
         handler = copy.deepcopy(loaded.task["dataset"]["kwargs"]["handler"])
         handler.setdefault("kwargs", {})["end_time"] = f"{signal_day:%Y-%m-%d}"
-        states = loaded.metadata.get("processors")
-        if states is not None and not isinstance(loaded.model, ModelEnsemble):  # (its members fit their own)
+        # a model ensemble's members fit their own handlers' processors: only the slow way for it
+        states = None if isinstance(loaded.model, ModelEnsemble) else loaded.metadata.get("processors")
+        if states is not None:
             # the processors as fitted: features from a few weeks before the signal day only, not from the train
             # start (Qlib reads the history each feature's window needs before start_time)
             handler["kwargs"]["start_time"] = f"{lookback_start(loaded.model, signal_day):%Y-%m-%d}"
         key = json.dumps([handler, states], sort_keys=True, default=str)
         if key not in datasets:  # models on one handler config share its (slow) feature computation
-            built = handler_with_state(handler, states) if states is not None and \
-                not isinstance(loaded.model, ModelEnsemble) else handler
+            built = handler if states is None else handler_with_state(handler, states)
             datasets[key] = DatasetH(handler=built, segments={"test": (signal_day, signal_day)})
         dataset = datasets[key]
         columns[f"score_{loaded.name}"] = loaded.model.predict(dataset, segment="test")
