@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import small_lgb_workflow, write_workflow
+from conftest import FEW_FEATURES, small_lgb_workflow, write_workflow
 from vn30_qlib import store
 from vn30_qlib.loop import adapt_task, run_loop
 from vn30_qlib.report import BEATS_T, build_report, paired_comparisons, tuned_vs_default, verdict
@@ -253,9 +253,9 @@ def test_seeds_reach_models_and_ensembles_and_per_symbol_kwargs_apply_per_symbol
 
 
 def test_per_symbol_lightgbm_learns_on_every_simulated_symbol(sim_provider, tmp_path):
-    """The shipped lgb_vn30.yaml in per-symbol mode (its ``per_symbol_kwargs``): no symbol's predictions are
-    constant (with the pooled L1/L2 every one was)."""
-    workflow = write_workflow(tmp_path / "wf", "lgb_vn30.yaml", {"num_threads: 0 ": "num_threads: 1 "})
+    """The shipped lgb_vn30.yaml's kwargs in per-symbol mode (its ``per_symbol_kwargs``; 8 of its features): no
+    symbol's predictions are constant (with the pooled L1/L2 every one was)."""
+    workflow = write_workflow(tmp_path / "wf", "lgb_vn30.yaml", {"num_threads: 0 ": "num_threads: 1 "}, FEW_FEATURES)
     symbols = ["ACB", "FPT", "HPG", "VNM"]
     results = run_loop([workflow], sim_provider(0.1), tmp_path / "models", symbols=symbols, modes=["per_symbol"],
                        progress=False)

@@ -9,27 +9,27 @@ import pandas as pd
 import pytest
 
 from conftest import REPO
-from vn30_qlib import store
-from vn30_qlib.loop import run_loop
 from vn30_qlib.workflow_config import load_workflow
 
 pytestmark = pytest.mark.slow
 
 
 def test_reversal_scores_minus_the_days_return_and_stores_without_pickle(sim_provider, tmp_path):
-    """Through the loop (pooled and one symbol): each score is -(close_t / close_t-1 - 1) read independently from
-    the provider; the stored version reloads and re-predicts the same (`store.validate`)."""
+    """reversal_vn30.yaml's model and dataset: each score is -(close_t / close_t-1 - 1), read independently from
+    the provider; the store keeps the model as an empty folder and rebuilds it to predict the same."""
     from qlib.data import D
+    from qlib.utils import init_instance_by_config
+
+    from vn30_qlib.loop import init_qlib_for
+    from vn30_qlib.model_files import read_model, write_model
 
     provider = sim_provider(0.1)
-    store_root = tmp_path / "models"
-    results = run_loop([REPO / "workflows" / "reversal_vn30.yaml"], provider, store_root, symbols=["ACB"],
-                       progress=False)
-    assert [r["status"] for r in results] == ["done", "done"], results
-    pooled = store.latest(store_root / "pooled" / "reversal")
-    assert store.validate(store.latest(store_root / "symbols" / "ACB" / "reversal")) <= 1e-6
-    assert store.validate(pooled) <= 1e-6  # (also points Qlib at the provider for D below)
-    scores = store.read_predictions(pooled, store.read_metadata(pooled))["score"]
+    init_qlib_for(provider)
+    task = load_workflow(REPO / "workflows" / "reversal_vn30.yaml", {"VN30_PROVIDER": str(provider)})["task"]
+    dataset = init_instance_by_config(task["dataset"])
+    model = init_instance_by_config(task["model"])
+    model.fit(dataset)
+    scores = model.predict(dataset)
     close = D.features(["ACB", "FPT"], ["$close"], start_time="2022-12-01", end_time="2024-09-26")["$close"]
     for symbol in ("ACB", "FPT"):
         series = close.xs(symbol, level="instrument")
@@ -37,6 +37,9 @@ def test_reversal_scores_minus_the_days_return_and_stores_without_pickle(sim_pro
         got = scores.xs(symbol, level="instrument")
         np.testing.assert_allclose(got.to_numpy(), expected.reindex(got.index).to_numpy(), rtol=1e-6)
     assert len(scores.index.get_level_values("instrument").unique()) == 30
+    write_model(model, tmp_path / "model")
+    assert list((tmp_path / "model").iterdir()) == []
+    pd.testing.assert_series_equal(read_model(task["model"], tmp_path / "model").predict(dataset), scores)
 
 
 def test_plain_qlib_workflow_is_qlibs_alpha158_and_lgbmodel_with_our_lightgbm_parameters():
