@@ -156,7 +156,8 @@ def test_report_states_survivorship_for_a_real_provider(small_store, tmp_path):
 @pytest.mark.slow
 def test_report_refuses_a_folder_it_did_not_write(small_store, tmp_path, capsys):
     committed = tmp_path / "reports"
-    shutil.copytree(REPO / "reports", committed)  # the repository's committed real-data report: no marker
+    shutil.copytree(REPO / "reports", committed)  # the repository's real-data report, as an older vn30-qlib wrote
+    (committed / "vn30_report.json").unlink()       # it: without the marker naming the report's files
     (tmp_path / "notes.txt").write_text("mine")
     for out, named in ((committed, "cumulative_ic.png"), (small_store, "symbols"), (tmp_path, "notes.txt"),
                        (tmp_path / "notes.txt", "is a file")):
