@@ -8,15 +8,16 @@ killed at a uniform random moment of its measured duration, and re-run to the en
 - after the re-run, it still does, and nothing else is left beside it (no ``.writing-*`` / ``.old-*``).
 
 Loop (the simulated market, 4 symbols, LightGBM and a 2-epoch one-thread LSTM, per-symbol and pooled: 10
-entries): ``--loop-kills`` runs into one store, each killed at a uniform random moment of a full run's
-duration; a run that finishes before its kill ends a round (the store is checked complete and started anew).
+entries): runs into one store, each to be killed at a uniform random moment of a full run's duration, until
+``--loop-kills`` of them were killed mid-run; a run that finishes before its kill (a resumed run has less left to
+do) ends a round (the store is checked complete and started anew) and does not count as a kill.
 Invariants after every run:
 - every version stored before it is still there, byte for byte (finished entries are never retrained);
 - no entry holds two versions (nothing stored twice);
 - every new version validates (``vn30-qlib validate``: reloaded, it re-predicts its stored predictions);
 - after a run that finished: all 10 entries are stored and no temporary folder is left in the store.
 
-    python bench/kill_campaign.py                      # 100 ingest kills, 30 loop kills
+    python bench/kill_campaign.py                      # 100 ingest runs killed at random, 30 loop kills
     python bench/kill_campaign.py --ingest-kills 10 --loop-kills 5 --seed 1
 """
 from __future__ import annotations
@@ -159,8 +160,9 @@ def loop_campaign(kills: int, rng: random.Random, work: Path) -> dict:
     check("first run", {}, finished=True)
     round_no += 1
     store = work / f"store{round_no}"
-    killed = finished = 0
-    for i in range(kills):
+    killed = finished = i = 0
+    while killed < kills:
+        i += 1
         before = {v: json.dumps(tree_digest(v)) for vs in store_versions(store).values() for v in vs}
         code = run_killed(command(store), rng.uniform(0.0, duration), env)
         if code is None:
@@ -172,19 +174,20 @@ def loop_campaign(kills: int, rng: random.Random, work: Path) -> dict:
             finished += 1
             round_no += 1
             store = work / f"store{round_no}"
-        print(f"loop {i + 1}/{kills}: {'killed' if code is None else 'finished'}; violations so far "
-              f"{len(violations)}", flush=True)
+        print(f"loop run {i}: {'killed' if code is None else 'finished'} ({killed}/{kills} kills); violations so "
+              f"far {len(violations)}", flush=True)
     before = {v: json.dumps(tree_digest(v)) for vs in store_versions(store).values() for v in vs}
     timed_run(command(store), env)
     check("final run", before, finished=True)
-    return {"runs": kills, "killed": killed, "finished_before_kill": finished, "entries": entries_expected,
+    return {"runs": i, "killed": killed, "finished_before_kill": finished, "entries": entries_expected,
             "full_run_seconds": round(duration, 1), "versions_validated": len(validated), "violations": violations}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ingest-kills", type=int, default=100, help="ingest runs killed at random (default 100)")
-    parser.add_argument("--loop-kills", type=int, default=30, help="loop runs killed at random (default 30)")
+    parser.add_argument("--loop-kills", type=int, default=30, help="loop runs to kill mid-run, at random moments "
+                        "(default 30)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments (default 0)")
     parser.add_argument("--out", help="write the results as JSON here too")
     args = parser.parse_args()

@@ -92,7 +92,7 @@ def test_tft_seed_ensemble_round_trips_through_its_state_dicts(sim_provider, tmp
     data = dataset(sim_provider(0.1), segments=SHORT_SEGMENTS)
     config = {"class": "SeedEnsemble", "module_path": "vn30_qlib.models.seed_ensemble",
               "kwargs": {"seeds": [0, 1], "model": {"class": "TFT", "module_path": "vn30_qlib.models.tft",
-                                                     "kwargs": {**SMALL, "n_epochs": 1}}}}
+                                                     "kwargs": {**SMALL, "n_epochs": 1, "importance_repeats": 1}}}}
     ensemble = SeedEnsemble(**config["kwargs"])
     ensemble.fit(data)
     pred = ensemble.predict(data)
@@ -107,6 +107,7 @@ def test_tft_seed_ensemble_round_trips_through_its_state_dicts(sim_provider, tmp
     for member, again in zip(ensemble.members, reloaded.members):
         pd.testing.assert_frame_equal(member.predict_quantiles(data), again.predict_quantiles(data))
         pd.testing.assert_series_equal(member.get_feature_importance(), again.get_feature_importance())
+        pd.testing.assert_frame_equal(member.importance["permutation"], again.importance["permutation"])
         pd.testing.assert_frame_equal(member.importance["attention"], again.importance["attention"])
         assert member.history == again.history
 

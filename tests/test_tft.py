@@ -20,7 +20,8 @@ from handlers.vn30_alpha158 import LABEL
 from handlers.vn30_tft import horizon_labels
 from vn30_qlib.data.check import init_qlib
 from vn30_qlib.data.holidays import hose_trading_days
-from vn30_qlib.models.tft import TFT
+from vn30_qlib import metrics
+from vn30_qlib.models.tft import TFT, diagnostics
 from vn30_qlib.models.tft.network import TemporalFusionNetwork, TFTBatch, TFTWeights
 from vn30_qlib.models.tft.sub_modules import (
     GatedLinearUnit, GatedResidualNetwork, InterpretableMultiHeadAttention, LSTMEncoderDecoder, QuantileOutput,
@@ -38,7 +39,9 @@ SEGMENTS = {"train": ("2019-01-01", "2020-12-31"), "valid": ("2021-01-01", "2021
 SHORT_SEGMENTS = {"train": ("2020-01-01", "2020-06-30"), "valid": ("2020-07-01", "2020-09-30"),
                   "test": ("2020-10-01", "2020-12-31")}
 SMALL = dict(hidden_size=8, variable_hidden_size=8, attention_hidden_size=4, num_heads=2, batch_size=256, lr=0.003,
-             n_epochs=2, early_stop=2, n_threads=1)
+             n_epochs=2, early_stop=2, n_threads=1, importance_repeats=0)
+# The simulated market plants its signal in where the close sits in the day's range: these inputs carry it.
+K_BAR = {"KMID", "KLEN", "KUP", "KLOW", "KSFT", "KMID2", "KUP2", "KLOW2", "KSFT2"}
 
 
 def test_module_shapes_and_weights_sum_to_one():
@@ -208,18 +211,23 @@ def rank_ic(model: TFT, data: DatasetH) -> float:
 @pytest.fixture(scope="module")
 def planted(sim_provider) -> tuple[TFT, DatasetH]:
     data = dataset(sim_provider(0.1))
-    model = TFT(**SMALL)
+    model = TFT(**{**SMALL, "importance_repeats": 1})
     model.fit(data)
     return model, data
 
 
-def test_tft_recovers_the_planted_signal(planted):
+def test_tft_recovers_the_planted_signal_and_its_importance_names_the_bar_shape(planted):
     model, data = planted
     assert rank_ic(model, data) > 0.05
-    # the signal is the close's place in the day's range: the K-bar inputs must carry most selection weight
+    # valid-segment permutation importance: a K-bar input leads, far ahead of every calendar input (the market
+    # has no calendar effect), and no calendar input's drop stands out from its noise; the selection weights
+    # (not an importance) had put days_to_tet and closed_before first
     importance = model.get_feature_importance()
-    assert importance.sum() == pytest.approx(1.0, abs=1e-5)
-    assert set(importance.index[:5]) & {"KLOW", "KUP", "KSFT", "KMID", "KLOW2", "KUP2", "KSFT2", "KMID2"}
+    table = model.importance["permutation"]
+    calendar = table.loc[list(CALENDAR_FEATURES)]
+    assert importance.index[0] in K_BAR, importance.head()
+    assert importance.iloc[0] > 2 * calendar["rank_ic_drop"].max()
+    assert (calendar["t"].abs() < 3).all(), calendar
 
 
 def test_same_seed_same_predictions(planted):
@@ -230,12 +238,46 @@ def test_same_seed_same_predictions(planted):
 
 
 def test_tft_finds_nothing_in_pure_noise(sim_provider):
-    """Leakage canary: with signal 0, a look-ahead would show as a Rank IC well away from 0."""
+    """Leakage canary: with signal 0, a look-ahead would show as a Rank IC well away from 0; and no input's
+    permutation importance stands out from its noise."""
     data = dataset(sim_provider(0.0))
-    model = TFT(**SMALL)
+    model = TFT(**{**SMALL, "importance_repeats": 1})
     model.fit(data)
     # ~370 test days x 30 names: the mean daily Rank IC's standard error is about 0.01
     assert abs(rank_ic(model, data)) < 0.03
+    table = model.importance["permutation"]
+    assert (table["t"].abs() < 3.5).all(), table.sort_values("t")
+
+
+def test_permutation_importance_shuffles_names_within_days_and_calendar_inputs_among_days():
+    """A forecast that reads input 0 only: its drop is the whole skill, the other inputs' exactly 0; a per-name
+    shuffle keeps every row on its own day, a per-day input moves whole days."""
+    rng = np.random.default_rng(0)
+    days, names = pd.bdate_range("2021-01-04", periods=60), [f"S{i}" for i in range(10)]
+    index = pd.MultiIndex.from_product([days, names], names=["datetime", "instrument"])
+    n = len(index)
+    day_code = np.repeat(np.arange(len(days)), len(names)).astype("float32")
+    past = np.stack([rng.normal(size=(n, 3)).astype("float32"),  # input 0: the signal, 3 steps
+                     np.repeat(day_code[:, None], 3, axis=1),  # input 1: the day, per name
+                     np.repeat(day_code[:, None], 3, axis=1)], axis=-1)  # input 2: the day, per day
+    label = pd.Series(past[:, -1, 0] + rng.normal(size=n), index=index)
+    seen = []
+
+    def forecast(windows: np.ndarray) -> torch.Tensor:
+        seen.append(windows)
+        return torch.from_numpy(windows[:, -1, 0].copy())
+
+    table = diagnostics.permutation_importance(forecast, past, index, label, ["signal", "day", "calendar"],
+                                               [False, False, True], repeats=2)
+    base = metrics.daily_rank_ic(pd.Series(past[:, -1, 0], index=index), label).mean()
+    assert base > 0.5 and abs(table.loc["signal", "rank_ic_drop"] - base) < 0.1 and table.loc["signal", "t"] > 10
+    assert (table.loc[["day", "calendar"], "rank_ic_drop"] == 0).all()
+    day_shuffles, calendar_shuffles = seen[3:5], seen[5:7]
+    assert all((w[:, :, 1] == past[:, :, 1]).all() for w in day_shuffles)  # every row kept its own day
+    for w in calendar_shuffles:
+        moved = w[:, -1, 2].reshape(len(days), len(names))
+        assert (moved == moved[:, :1]).all()  # a day's rows all took one other day's value
+        assert sorted(moved[:, 0]) == list(range(len(days))) and (moved[:, 0] != np.arange(len(days))).any()
 
 
 @pytest.mark.slow
@@ -250,14 +292,16 @@ def test_qrun_tft_workflow_records_and_reloads(sim_provider, tmp_path):
     assert 0.6 < metrics["tft_coverage_10_90"] < 0.95
     assert 0.0 <= metrics["tft_quantile_crossing"] <= 0.05
     listed = {a.path for a in recorder.client.list_artifacts(recorder.id, "tft")}
-    for name in ("static_importance", "past_importance", "future_importance", "attention_by_lag"):
+    for name in ("static_selection", "past_selection", "future_selection", "attention_by_lag", "past_importance"):
         assert {f"tft/{name}.csv", f"tft/{name}.png"} <= listed, name
     quantiles = recorder.load_object("tft/quantiles.pkl")
     assert list(quantiles.columns) == ["h1_q0.1", "h1_q0.5", "h1_q0.9"]
     attention = recorder.load_object("tft/attention_by_lag.pkl")
     np.testing.assert_allclose(attention["h1"].sum(), 1.0, rtol=1e-5)
     past = recorder.load_object("feature_importance/importance.pkl")
-    assert "KSFT" in past.index and "day_of_week" in past.index
+    assert past.name == "rank_ic_drop" and "KSFT" in past.index and "day_of_week" in past.index
+    test_importance = recorder.load_object("tft/past_importance.pkl")
+    assert list(test_importance.columns) == ["rank_ic_drop", "se", "t"] and "KSFT" in test_importance.index
 
     # the pickled model, loaded back on this CPU, predicts exactly what the run recorded
     model = recorder.load_object("params.pkl")

@@ -100,7 +100,8 @@ class PredictionErrorRecord(RecordTemp):
 
 
 class FeatureImportanceRecord(RecordTemp):
-    """Saves the model's feature importance (LightGBM: total gain) as a table and a bar plot of the top features.
+    """Saves the model's feature importance (LightGBM: total gain; the TFT: the permutation importance) as a table
+    and a bar plot of the top features.
 
     It sits in the shared record list, so for a model without ``get_feature_importance`` it logs that there is
     none and saves nothing.
@@ -116,11 +117,17 @@ class FeatureImportanceRecord(RecordTemp):
         if not hasattr(self.model, "get_feature_importance"):
             get_module_logger("FeatureImportanceRecord").info(f"{type(self.model).__name__} reports no importance")
             return None
-        importance = self.model.get_feature_importance(importance_type=self.importance_type)
+        try:
+            importance = self.model.get_feature_importance(importance_type=self.importance_type)
+        except ValueError as error:  # e.g. a TFT fitted with importance_repeats=0
+            get_module_logger("FeatureImportanceRecord").info(f"{type(self.model).__name__}: {error}")
+            return None
+        # a model may name its own kind (the TFT: rank_ic_drop, a permutation importance)
+        kind = importance.name or f"importance_{self.importance_type}"
         # Qlib's LGBModel trains on bare arrays, so LightGBM names the features Column_0, Column_1, ...
         names = self.dataset.handler.get_cols(col_set="feature")
         importance.index = [names[int(c.split("_")[1])] if str(c).startswith("Column_") else c for c in importance.index]
-        importance = importance.sort_values(ascending=False).rename(f"importance_{self.importance_type}")
+        importance = importance.sort_values(ascending=False).rename(kind)
         self.save(**{"importance.pkl": importance})
         with TemporaryDirectory() as tmp:
             csv_path = Path(tmp) / "importance.csv"
@@ -130,7 +137,7 @@ class FeatureImportanceRecord(RecordTemp):
             fig = Figure(figsize=(7, 0.22 * len(top) + 1.2))  # no pyplot: no process-wide backend chosen
             ax = fig.subplots()
             ax.barh(top.index, top.to_numpy())
-            ax.set_xlabel(f"{self.importance_type} importance")
+            ax.set_xlabel(kind)
             ax.set_title(f"Top {len(top)} features")
             fig.tight_layout()
             fig.savefig(png_path, dpi=110)

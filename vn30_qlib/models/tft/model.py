@@ -39,6 +39,10 @@ from vn30_qlib.models.tft_inputs import (
 from vn30_qlib.models.training import LabelledRows, SequenceModel, segment_labels
 from vn30_qlib.models.windows import SequenceWindows
 
+# Rows per forward pass of the permutation importance: the passes are many and the weights are not kept, so
+# larger chunks than a training batch (fewer small kernel launches) at ~0.3 GiB more peak memory.
+PERMUTATION_CHUNK = 4096
+
 
 class _Panel:
     """Batches for any (day, instrument) row of a handler's panel: windows of past features joined with the
@@ -63,10 +67,13 @@ class _Panel:
         return PanelRows(index, self.windows.positions(index), future_days,
                          static_codes(index.get_level_values("instrument")))
 
-    def batch(self, rows: "PanelRows", take: np.ndarray | slice, device: torch.device) -> TFTBatch:
+    def batch(self, rows: "PanelRows", take: np.ndarray | slice, device: torch.device,
+              past: np.ndarray | None = None) -> TFTBatch:
+        """The inputs of ``rows[take]``; ``past``: the past windows of all ``rows`` to use instead of the panel's."""
+        windows = self.windows.gather(rows.positions[take]) if past is None else past[take]
         return TFTBatch(
             torch.from_numpy(rows.static[take]).to(device),
-            torch.from_numpy(self.windows.gather(rows.positions[take])).to(device),
+            torch.from_numpy(windows).to(device),
             torch.from_numpy(self.calendar[rows.future_days[take]]).to(device),
         )
 
@@ -97,6 +104,9 @@ class TFT(SequenceModel):
     other jobs 1 thread can be several times faster than 2 (``n_threads: auto`` then takes a share of the cores).
     ``chunk_rows``: on a CPU, each batch's forward and backward run this many rows at a time, the same gradient
     from activations that stay in cache (256: a step 1.2x faster than whole batches of 1,024).
+    ``importance_repeats``: shuffles per past input for the permutation importance computed at the end of fit on
+    the valid segment (`get_feature_importance`) and by `record_diagnostics` on the test segment; each costs a
+    forward pass over the segment per input (0: none).
     """
 
     checkpoint_name = "tft.pt"
@@ -118,6 +128,7 @@ class TFT(SequenceModel):
         metric: str = "ic",
         average_best: int = 5,
         chunk_rows: int | None = 256,
+        importance_repeats: int = 1,
         **loop_options,
     ):
         quantiles = [float(q) for q in quantiles]
@@ -125,11 +136,13 @@ class TFT(SequenceModel):
             raise ValueError(f"quantiles must be increasing, inside (0, 1) and include 0.5, got {quantiles}")
         if horizons < 1:
             raise ValueError(f"horizons must be >= 1, got {horizons}")
+        if isinstance(importance_repeats, bool) or not isinstance(importance_repeats, int) or importance_repeats < 0:
+            raise ValueError(f"importance_repeats must be an integer >= 0, got {importance_repeats!r}")
         super().__init__(lr=lr, batch_size=batch_size, n_epochs=n_epochs, metric=metric, chunk_rows=chunk_rows,
                          **loop_options)
         self.hidden_size, self.variable_hidden_size = hidden_size, variable_hidden_size
         self.attention_hidden_size, self.num_heads, self.dropout = attention_hidden_size, num_heads, dropout
-        self.quantiles, self.average_best = quantiles, average_best
+        self.quantiles, self.average_best, self.importance_repeats = quantiles, average_best, importance_repeats
         self.horizons, self.step_len, self.known_future = horizons, step_len, validate_known_future(known_future)
         self.past_names: list[str] = []
         self.calendar_mean: pd.Series | None = None
@@ -162,6 +175,9 @@ class TFT(SequenceModel):
                         average_best=self.average_best, chunk_rows=self.chunk_rows,
                         shared_inputs=self.module.encode_static)
             self.importance = self._weights_summary(self._forward(panel, valid_inputs, device)[1], len(valid))
+            if self.importance_repeats:
+                self.importance["permutation"] = self._permutation_importance(panel, valid_inputs, device, dataset,
+                                                                              "valid", self.importance_repeats)
 
     def predict(self, dataset: DatasetH, segment: str | slice = "test") -> pd.Series:
         """The median forecast of horizon 1 (the return from close t+1 to close t+2), in the learnt label's units."""
@@ -179,28 +195,63 @@ class TFT(SequenceModel):
         columns = [f"h{h}_q{q:g}" for h in range(1, self.horizons + 1) for q in self.quantiles]
         return pd.DataFrame(values.reshape(len(index), -1).astype("float64"), index=index, columns=columns)
 
-    def get_feature_importance(self, importance_type: str = "vsn") -> pd.Series:
-        """Mean past-input variable-selection weight per feature (valid segment, after fit); sums to 1.
+    def get_feature_importance(self, importance_type: str = "permutation") -> pd.Series:
+        """Each past input's permutation importance on the valid segment (`permutation_importance`, computed at
+        the end of fit unless ``importance_repeats`` is 0): the drop of the mean daily Rank IC when the input is
+        shuffled, largest first.
 
-        ``importance_type`` is accepted for the shared FeatureImportanceRecord and ignored: the TFT has one kind.
+        ``importance_type`` is accepted for the shared FeatureImportanceRecord and ignored: the selection weights
+        are not an importance (see `permutation_importance`) and are logged by `record_diagnostics` instead.
         """
-        if not self.importance:
-            raise ValueError("the model is not fitted yet")
-        return self.importance["past"].sort_values(ascending=False)
+        if "permutation" not in self.importance:
+            raise ValueError("no permutation importance: the model is not fitted yet, or was with importance_repeats=0")
+        return self.importance["permutation"]["rank_ic_drop"].sort_values(ascending=False)
+
+    def permutation_importance(self, dataset: DatasetH, segment: str | slice = "valid",
+                               repeats: int | None = None) -> pd.DataFrame:
+        """How much each past input adds to the ranking skill of the forecasts on ``segment``: the drop of the
+        mean daily Rank IC of the median forecast (h1, against the learnt label) when that input's windows are
+        shuffled, averaged over ``repeats`` shuffles (default ``importance_repeats``, at least 1); columns
+        ``rank_ic_drop``, ``se`` (its standard error over days) and ``t``.
+
+        A per-name input is shuffled among the names of each day; a calendar input, the same for every name of a
+        day, among days (all rows of a day take another day's window). With one name a day (a per-symbol fit)
+        every input is shuffled among days and the Rank IC is taken over time (no ``se``). The mean selection
+        weights of `record_diagnostics` are not this: an input can take selection weight without changing any
+        ranking (on the simulated market, whose signal is in the bar's shape, the calendar inputs did).
+        """
+        panel, rows, device = self._rows_to_predict(dataset, segment)
+        with self._predict_session():
+            return self._permutation_importance(panel, rows, device, dataset, segment,
+                                                repeats or max(self.importance_repeats, 1))
 
     def record_diagnostics(self, dataset: DatasetH, recorder) -> dict:
-        """Test-segment quantiles, 10-90 % coverage and crossing rate, variable-selection and attention weights,
-        logged to ``recorder`` (`diagnostics.record`); returns the metrics."""
+        """Test-segment quantiles, 10-90 % coverage and crossing rate, variable-selection and attention weights
+        and (unless ``importance_repeats`` is 0) the past inputs' permutation importance, logged to ``recorder``
+        (`diagnostics.record`); returns the metrics."""
         panel, rows, device = self._rows_to_predict(dataset, "test")
         with self._predict_session():
             output, weights = self._forward(panel, rows, device)
+            tables = self._weights_summary(weights, len(rows.index))
+            if self.importance_repeats:
+                tables["permutation"] = self._permutation_importance(panel, rows, device, dataset, "test",
+                                                                     self.importance_repeats)
         label = dataset.prepare("test", col_set="label", data_key=DataHandlerLP.DK_L)
         metrics = diagnostics.record(recorder, self._quantile_frame(output, rows.index), label, self.quantiles,
-                                     self.horizons, self._weights_summary(weights, len(rows.index)))
+                                     self.horizons, tables)
         get_module_logger("TFT").info(f"test diagnostics: {metrics}")
         return metrics
 
     # ------------------------------------------------------------------ helpers
+    def _permutation_importance(self, panel: _Panel, rows: PanelRows, device: torch.device, dataset: DatasetH,
+                                segment: str | slice, repeats: int) -> pd.DataFrame:
+        label = dataset.prepare(segment, col_set="label", data_key=DataHandlerLP.DK_L).iloc[:, 0]
+        past = panel.windows.gather(rows.positions)
+        per_day = [name in self.known_future for name in self.past_names]
+        return diagnostics.permutation_importance(
+            lambda windows: self._forward(panel, rows, device, windows, PERMUTATION_CHUNK)[0][:, 0, self.quantiles.index(0.5)],
+            past, rows.index, label, self.past_names, per_day, repeats, seed=self.seed or 0)
+
     def _build_module(self) -> TemporalFusionNetwork:
         return TemporalFusionNetwork(
             len(self.past_names), len(self.known_future), self.horizons, len(self.quantiles), self.hidden_size,
@@ -230,16 +281,18 @@ class TFT(SequenceModel):
         index = dataset.prepare(segment, col_set="feature", data_key=DataHandlerLP.DK_I).index
         return panel, panel.rows(index), next(self.module.parameters()).device
 
-    def _forward(self, panel: _Panel, rows: PanelRows, device: torch.device) -> tuple[torch.Tensor, list[TFTWeights]]:
-        """Forecasts (rows, H, Q) in label-sd units for all ``rows``, a training batch at a time; weights per
-        chunk. (In 8,192-row chunks each (rows, steps, variables, width) activation is ~200 MB: the pooled
-        VN30 fit then peaked at 2.1 GiB instead of 1.5.)"""
-        chunk = self.batch_size
+    def _forward(self, panel: _Panel, rows: PanelRows, device: torch.device, past: np.ndarray | None = None,
+                 chunk: int | None = None) -> tuple[torch.Tensor, list[TFTWeights]]:
+        """Forecasts (rows, H, Q) in label-sd units for all ``rows``, ``chunk`` rows (default: a training batch)
+        at a time; weights per chunk; ``past``: other past windows for the rows (`_Panel.batch`). (In 8,192-row
+        chunks each (rows, steps, variables, width) activation is ~200 MB: the pooled VN30 fit then peaked at
+        2.1 GiB instead of 1.5.)"""
+        chunk = chunk or self.batch_size
         self.module.eval()
         outputs, weights = [], []
         with torch.no_grad():
             for start in range(0, len(rows.index), chunk):
-                output, weight = self.module.interpret(panel.batch(rows, slice(start, start + chunk), device))
+                output, weight = self.module.interpret(panel.batch(rows, slice(start, start + chunk), device, past))
                 outputs.append(output)
                 weights.append(weight)
         return torch.cat(outputs), weights

@@ -124,7 +124,8 @@ class NumericEmbedding(nn.Module):
 
 class VariableSelectionNetwork(nn.Module):
     """v = softmax(GRN_v(Xi, c)) over the variables (per sample and step, given a context c), and the selected
-    input sum_j v_j GRN_j(xi_j): the weights say which inputs the model uses, and are its feature importance.
+    input sum_j v_j GRN_j(xi_j): the weights say how the model mixes its inputs. They are not an importance: an
+    input can take weight without changing any forecast's rank (`diagnostics.permutation_importance` measures that).
 
     Each variable is processed at ``variable_size`` (not ``hidden_size``) and the weighted mix is projected to
     ``hidden_size``: that equals per-variable GRNs ending in one shared linear map, and keeps the
