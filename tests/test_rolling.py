@@ -385,12 +385,38 @@ def test_seeds_and_per_symbol_kwargs_reach_the_model_a_rolled_workflow_refits():
     assert set(per_symbol) == {"step", "model"}
 
 
-def test_the_shipped_rolled_workflow_refits_lgb_vn30s_model():
+@pytest.mark.parametrize("name, step", [("lgb", 20), ("lstm", 60)])
+def test_the_shipped_rolled_workflows_refit_their_static_workflows_model(name, step):
     from vn30_qlib.workflow_config import load_workflow
 
-    rolled = load_workflow(REPO / "workflows" / "lgb_rolling_vn30.yaml")["task"]
-    static = load_workflow(REPO / "workflows" / "lgb_vn30.yaml")["task"]
+    rolled = load_workflow(REPO / "workflows" / f"{name}_rolling_vn30.yaml")["task"]
+    static = load_workflow(REPO / "workflows" / f"{name}_vn30.yaml")["task"]
     assert rolled["model"]["kwargs"]["model"] == {key: static["model"][key] for key in ("class", "module_path", "kwargs")}
-    assert rolled["model"]["per_symbol_kwargs"] == static["model"]["per_symbol_kwargs"]
-    assert rolled["model"]["kwargs"]["step"] == 20
+    assert rolled["model"].get("per_symbol_kwargs") == static["model"].get("per_symbol_kwargs")
+    assert rolled["model"]["kwargs"]["step"] == step
     assert rolled["dataset"] == static["dataset"] and rolled["record"] == static["record"]
+
+
+def test_a_rolled_lstm_is_stored_as_state_dicts_per_window_and_predicts_the_same(drifting, tmp_path, tracking_uri):
+    from qlib.utils import init_instance_by_config
+    from test_lstm import SMALL
+
+    from vn30_qlib.loop import init_qlib_for
+    from vn30_qlib.model_files import read_model, write_model
+    from vn30_qlib.workflow_config import load_workflow
+
+    init_qlib_for(drifting["provider"], tracking_uri)
+    task = load_workflow(write_small_workflow(tmp_path, test_end=DDGDA_TEST_END),
+                         {"VN30_PROVIDER": str(drifting["provider"])})["task"]
+    lstm = {"class": "LSTM", "module_path": "vn30_qlib.models.lstm", "kwargs": {**SMALL, "n_epochs": 1}}
+    config = {"class": "RollingRetrain", "module_path": "vn30_qlib.models.rolling_retrain",
+              "kwargs": {"model": lstm, "step": STEP, "train_window": TRAIN_WINDOW}}
+    model = init_instance_by_config(config)
+    dataset = init_instance_by_config(task["dataset"])
+    model.fit(dataset)
+    predicted = model.predict(dataset)
+    write_model(model, tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["window0", "window1", "windows.json"]
+    assert (tmp_path / "model" / "window0" / "weights.pt").is_file()
+    np.testing.assert_array_equal(read_model(config, tmp_path / "model").predict(dataset).to_numpy(),
+                                  predicted.to_numpy())
