@@ -1,6 +1,7 @@
 """Walk-forward folds and the Optuna search: no overlap, gaps kept, test never read, search improves, resumes."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -8,12 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
 
 from conftest import small_lgb_workflow
 from vn30_qlib.cv import cross_validate, folds_for, walk_forward_folds
+from vn30_qlib.harness import harness_score
 from vn30_qlib.loop import init_qlib_for
 from vn30_qlib.workflow_config import load_workflow
 
@@ -48,7 +51,7 @@ def small_search(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("search")
     small_lgb_workflow(folder, rounds=40)
     (folder / "lgb_vn30.search.yaml").write_text(
-        "objective: rank_ic\nn_trials: 5\nseed: 0\npruner_startup_trials: 10\n"
+        "n_trials: 5\nseed: 0\nseeds: [0]\npruner_startup_trials: 10\n"
         "folds: {n_folds: 2, valid_days: 120, scheme: expanding}\n"
         "params:\n"
         "    num_leaves: {type: int, low: 2, high: 64, log: true}\n"
@@ -84,12 +87,25 @@ def test_search_improves_on_a_bad_start_and_writes_a_runnable_workflow(small_sea
     assert tuned["task"]["model"]["kwargs"]["num_leaves"] == result["best_params"]["num_leaves"]
     assert tuned["experiment_name"] == "lgb_tuned_vn30"
     assert tuned["task"]["dataset"]["kwargs"]["segments"]["test"]  # the base config is still merged
+    # the objective is the harness score; the selection bias re-scores the best trial where the search did not look
+    score = harness_score(result["tuned_workflow"], provider, tmp_path / "harness", seeds=[0], n_folds=2,
+                          valid_days=120)
+    assert score["rank_ic_mean"] == pytest.approx(result["best_value"], abs=1e-9)
+    bias = json.loads((tmp_path / "tuning" / "selection_bias.json").read_text())
+    assert bias == result["selection_bias"] and bias["search"]["rank_ic"] == result["best_value"]
+    assert bias["fresh_seeds"]["seeds"] == [1000] and np.isfinite(bias["fresh_seeds"]["rank_ic"])
+    unseen_ends = [pd.Timestamp(f.split("..")[1]) for f in bias["unseen_folds"]["folds"]]
+    assert len(unseen_ends) == 2 and max(unseen_ends) < folds[0].valid[0]
+    assert np.isfinite(bias["unseen_folds"]["rank_ic"])
     from mlflow.tracking import MlflowClient
 
     runs = MlflowClient(f"sqlite:///{tmp_path / 'tuning' / 'mlruns.db'}").search_runs(
         [MlflowClient(f"sqlite:///{tmp_path / 'tuning' / 'mlruns.db'}").get_experiment_by_name("vn30_cv").experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 5 and all("num_leaves" in r.data.params for r in parents if r.info.status == "FINISHED")
+    trials = [r for r in parents if "/trial" in r.data.tags["mlflow.runName"]]  # one per trial and seed
+    assert len(trials) == 5 and all("num_leaves" in r.data.params for r in trials if r.info.status == "FINISHED")
+    assert sorted(r.data.tags["mlflow.runName"] for r in parents if r not in trials) == [
+        "lgb_vn30/best_fresh_seeds/seed1000", "lgb_vn30/best_unseen_folds/seed0"]
 
 
 @pytest.mark.slow
@@ -156,6 +172,8 @@ def test_epoch_callback_sees_every_epoch_and_can_stop_training():
     ("folds: {n_folds: 2}\nparams: {num_leaves: {type: integer, low: 2, high: 8}}\n",
      "params.num_leaves.type must be float, int or categorical, got 'integer'"),
     ("folds: {n_folds: 2}\nparams: {num_leaves: {type: int, low: 2}}\n", "params.num_leaves (int) lacks high"),
+    ("objective: mse_learnt\nfolds: {n_folds: 2}\nparams: {}\n", "objective must be rank_ic (the harness score"),
+    ("seeds: [0, 0]\nfolds: {n_folds: 2}\nparams: {}\n", "seeds must be a list of distinct integers, got [0, 0]"),
 ])
 def test_a_malformed_search_space_is_exit_2_naming_the_file_and_key(text, message, sim_provider, tmp_path, capsys):
     from vn30_qlib.cli import main

@@ -118,7 +118,7 @@ def test_ray_search_records_every_trial(tmp_path, sim_provider):
                               "    dataset:\n        kwargs:\n            handler:\n                kwargs:\n"
                               "                    features: [KMID, KLEN, KUP, KLOW, KSFT, ROC5]\n")
     (folder / "lgb_vn30.search.yaml").write_text(
-        "objective: rank_ic\nn_trials: 4\nseed: 0\nfolds: {n_folds: 2, valid_days: 120, scheme: expanding}\n"
+        "n_trials: 4\nseed: 0\nseeds: [0]\nfolds: {n_folds: 2, valid_days: 120, scheme: expanding}\n"
         "params:\n    num_leaves: {type: int, low: 2, high: 64, log: true}\n")
     result = tune(workflow, sim_provider(0.1), tmp_path / "tuning", executor="ray", jobs=2)
     study = optuna.load_study(study_name="lgb_vn30", storage=f"sqlite:///{tmp_path / 'tuning' / 'optuna.db'}")
@@ -130,7 +130,8 @@ def test_ray_search_records_every_trial(tmp_path, sim_provider):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'tuning' / 'mlruns.db'}")
     experiment = client.get_experiment_by_name("vn30_cv")
     parents = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 4, "one mlflow parent run per trial"
+    trials = [r for r in parents if "/trial" in r.data.tags["mlflow.runName"]]
+    assert len(trials) == 4, "one mlflow parent run per trial (and seed)"
     assert Path(result["tuned_workflow"]).is_file()
 
 

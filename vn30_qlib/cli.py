@@ -123,7 +123,13 @@ def _tune(args: argparse.Namespace) -> int:
     except SearchSpaceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{result['trials']} trials; best mean validation score {result['best_value']:.4f} with {result['best_params']}")
+    print(f"{result['trials']} trials; best harness score (mean daily Rank IC over folds and seeds) "
+          f"{result['best_value']:.4f} with {result['best_params']}")
+    bias = result["selection_bias"]
+    unseen = bias["unseen_folds"]
+    print(f"selection bias: the best trial re-scored on fresh seeds {bias['fresh_seeds']['rank_ic']:.4f}, on the "
+          + (f"{len(unseen['folds'])} earlier folds the search never saw {unseen['rank_ic']:.4f}"
+             if "rank_ic" in unseen else f"earlier folds: not scored ({unseen['skipped']})"))
     print(f"ready-to-run workflow: {result['tuned_workflow']}")
     return 0
 

@@ -27,12 +27,9 @@ def harness_score(workflow: str | Path, provider: str | Path, out_dir: str | Pat
     """The workflow's score: ``rank_ic_mean`` ± ``rank_ic_se`` of the seed-averaged daily Rank IC over every
     fold's validation days, ``seed_sd`` (the spread of the seeds' own means), the folds' means, and ``daily`` (the
     series itself). Every fold fit is a recorder run in ``{out_dir}/mlruns.db`` (experiment ``vn30_cv``)."""
-    from vn30_qlib.cv import cross_validate, folds_for
-    from vn30_qlib.loop import adapt_task, create_tracking_store, init_qlib_for, require_inputs, sqlite_tracking_uri
+    from vn30_qlib.cv import folds_for
+    from vn30_qlib.loop import create_tracking_store, init_qlib_for, require_inputs, sqlite_tracking_uri
 
-    seeds = list(seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct integers, at least one, got {seeds!r}")
     require_inputs([workflow], provider)
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -40,23 +37,39 @@ def harness_score(workflow: str | Path, provider: str | Path, out_dir: str | Pat
     create_tracking_store(tracking_uri)
     init_qlib_for(provider, tracking_uri)
     task, folds = folds_for(workflow, provider, n_folds, valid_days)
-    datasets: dict = {}  # each fold's dataset, built once for all seeds
-    by_seed = {}
-    for seed in seeds:
-        result = cross_validate(adapt_task(task, "pooled", None, seed=seed), folds, tracking_uri,
-                                f"{Path(workflow).stem}/seed{seed}", dataset_cache=datasets)
-        by_seed[seed] = pd.concat(result["daily_rank_ic"])
-    daily = pd.concat(by_seed, axis=1).mean(axis=1).rename("rank_ic")
-    seed_means = [float(series.mean()) for series in by_seed.values()]
+    by_seed = seeded_folds(task, folds, seeds, tracking_uri, Path(workflow).stem, dataset_cache={})
+    daily = seed_averaged(by_seed)
+    seed_means = [float(pd.concat(result["daily_rank_ic"]).mean()) for result in by_seed.values()]
     return {
-        "workflow": str(workflow), "seeds": seeds, "days": int(daily.notna().sum()),
+        "workflow": str(workflow), "seeds": list(seeds), "days": int(daily.notna().sum()),
         "folds": [{"train": f"{f.train[0]:%Y-%m-%d}..{f.train[1]:%Y-%m-%d}",
                    "valid": f"{f.valid[0]:%Y-%m-%d}..{f.valid[1]:%Y-%m-%d}",
                    "rank_ic": float(daily.loc[f.valid[0]:f.valid[1]].mean())} for f in folds],
         "rank_ic_mean": float(daily.mean()), "rank_ic_se": standard_error(daily),
-        "seed_sd": float(np.std(seed_means, ddof=1)) if len(seeds) > 1 else None,
+        "seed_sd": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else None,
         "daily": daily,
     }
+
+
+def seeded_folds(task: dict, folds: list, seeds: Sequence[int], tracking_uri: str, run_name: str,
+                 **cv_options) -> dict[int, dict]:
+    """`vn30_qlib.cv.cross_validate` of ``task`` (pooled) once per seed, as the loop sets a seed (`adapt_task`):
+    the results by seed, each fold set a parent run ``{run_name}/seed{s}``. ``cv_options``: ``on_fold``,
+    ``model_hook``, ``dataset_cache`` (shared by the seeds: the folds' data do not depend on the model)."""
+    from vn30_qlib.cv import cross_validate
+    from vn30_qlib.loop import adapt_task
+
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"seeds must be distinct integers, at least one, got {seeds!r}")
+    return {seed: cross_validate(adapt_task(task, "pooled", None, seed=seed), folds, tracking_uri,
+                                 f"{run_name}/seed{seed}", **cv_options) for seed in seeds}
+
+
+def seed_averaged(by_seed: dict[int, dict]) -> pd.Series:
+    """The harness's daily series: each validation day's Rank IC averaged over the seeds (`seeded_folds`)."""
+    return pd.concat({seed: pd.concat(result["daily_rank_ic"]) for seed, result in by_seed.items()},
+                     axis=1).mean(axis=1).rename("rank_ic")
 
 
 def compare(scores: list[dict]) -> list[dict]:
