@@ -12,21 +12,33 @@ single workflow, with seed s, and averages their per-day z-scores (`daily_zscore
 whose valid Rank IC is not above 0 would be dropped (``select_on_valid``): this script keeps every member, so
 check their valid scores (the loop's fit of ensemble_vn30.yaml logs them) before reading it as that workflow.
 
-Prints each ensemble's daily cross-sectional test metrics (no backtest), their mean ± sd, and the paired
-difference of the ensembles' seed-averaged daily Rank IC against the seed-averaged daily Rank IC of ``--against``
-(the report's convention).
+Prints each ensemble's daily cross-sectional test metrics and the excess returns of its workflow's own backtest
+(`vn30_qlib.loop.run_backtest` on the ensemble's predictions, as `vn30-qlib loop --backtest` runs it; the
+recorder runs go to a temporary folder), their mean ± sd, and the paired difference of the ensembles'
+seed-averaged daily Rank IC against the seed-averaged daily Rank IC of ``--against`` (the report's convention).
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import pandas as pd
+from qlib.workflow import R
 
 from vn30_qlib import store
-from vn30_qlib.loop import adapt_task
+from vn30_qlib.loop import adapt_task, init_qlib_for, run_backtest, sqlite_tracking_uri
+from vn30_qlib.workflow_config import load_workflow
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = {"seed": "tft_ensemble_vn30.yaml", "model": "ensemble_vn30.yaml"}  # whose backtest each kind runs
 from vn30_qlib.metrics import cross_sectional_metrics, daily_rank_ic, paired_difference
 from vn30_qlib.models.model_ensemble import daily_zscores
+
+
+def stored_provider(root: Path, model: str, seed: int | None) -> str:
+    entry = model if seed is None else f"{model}.seed{seed}"
+    return store.read_metadata(store.latest(root / "pooled" / entry))["provider"]["path"]
 
 
 def stored_predictions(root: Path, model: str, seed: int | None) -> pd.DataFrame:
@@ -81,8 +93,18 @@ def main() -> None:
                            (stored_predictions(root, args.against, s) for s in
                             [int(s) for s in args.against_seeds.split(",") if s] or [None])],
                           axis=1).mean(axis=1)
-    table = pd.DataFrame([pd.Series({k: v for k, v in cross_sectional_metrics(score, label).items()
-                                     if isinstance(v, float)}, name=name) for name, score, label in ensembles])
+    provider = stored_provider(root, args.against, int(args.against_seeds.split(",")[0]) if args.against_seeds else None)
+    task = load_workflow(REPO / "workflows" / WORKFLOWS[args.kind], {"VN30_PROVIDER": provider})["task"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ensembles_from_store-") as folder:
+        init_qlib_for(provider, sqlite_tracking_uri(Path(folder)))
+        for name, score, label in ensembles:
+            with R.start(experiment_name="ensembles_from_store", recorder_name=name):
+                R.save_objects(**{"pred.pkl": score.rename("score"), "label.pkl": label})  # as the loop saves
+                backtest = run_backtest(task, R.get_recorder())
+            rows.append(pd.Series({**{k: v for k, v in cross_sectional_metrics(score, label).items()
+                                      if isinstance(v, float)}, **backtest}, name=name))
+    table = pd.DataFrame(rows)
     print(table.round(4).to_string())
     print("mean ± sd: " + ", ".join(f"{k} {table[k].mean():.4f} ± {table[k].std():.4f}" for k in table.columns))
     daily = pd.concat([daily_rank_ic(score, label) for _, score, label in ensembles], axis=1).mean(axis=1)
