@@ -135,6 +135,6 @@ def plot_weights(values: pd.Series | pd.DataFrame, name: str, path: Path) -> Non
         ordered = values.sort_values()
         ax.barh(ordered.index, ordered.to_numpy())
         ax.set_xlabel("mean variable-selection weight (how inputs are mixed, not their importance)")
-    ax.set_title(f"TFT {name}, test segment")
+    ax.set_title(f"TFT {name}, {'valid' if name == 'permutation' else 'test'} segment")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

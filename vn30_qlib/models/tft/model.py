@@ -105,8 +105,8 @@ class TFT(SequenceModel):
     ``chunk_rows``: on a CPU, each batch's forward and backward run this many rows at a time, the same gradient
     from activations that stay in cache (256: a step 1.2x faster than whole batches of 1,024).
     ``importance_repeats``: shuffles per past input for the permutation importance computed at the end of fit on
-    the valid segment (`get_feature_importance`) and by `record_diagnostics` on the test segment; each costs a
-    forward pass over the segment per input (0: none).
+    the valid segment (`get_feature_importance`, and `record_diagnostics`'s ``tft/past_importance``); each costs a
+    forward pass over the valid segment per input (0: none).
     """
 
     checkpoint_name = "tft.pt"
@@ -226,16 +226,16 @@ class TFT(SequenceModel):
                                                 repeats or max(self.importance_repeats, 1))
 
     def record_diagnostics(self, dataset: DatasetH, recorder) -> dict:
-        """Test-segment quantiles, 10-90 % coverage and crossing rate, variable-selection and attention weights
-        and (unless ``importance_repeats`` is 0) the past inputs' permutation importance, logged to ``recorder``
-        (`diagnostics.record`); returns the metrics."""
+        """Test-segment quantiles, 10-90 % coverage and crossing rate, variable-selection and attention weights,
+        and the past inputs' permutation importance of the fit (valid segment; none with ``importance_repeats``
+        0), logged to ``recorder`` (`diagnostics.record`); returns the metrics. (The test segment's permutation
+        importance costs a forward pass per input: `permutation_importance(dataset, "test")`.)"""
         panel, rows, device = self._rows_to_predict(dataset, "test")
         with self._predict_session():
             output, weights = self._forward(panel, rows, device)
-            tables = self._weights_summary(weights, len(rows.index))
-            if self.importance_repeats:
-                tables["permutation"] = self._permutation_importance(panel, rows, device, dataset, "test",
-                                                                     self.importance_repeats)
+        tables = self._weights_summary(weights, len(rows.index))
+        if "permutation" in self.importance:
+            tables["permutation"] = self.importance["permutation"]
         label = dataset.prepare("test", col_set="label", data_key=DataHandlerLP.DK_L)
         metrics = diagnostics.record(recorder, self._quantile_frame(output, rows.index), label, self.quantiles,
                                      self.horizons, tables)
