@@ -39,10 +39,6 @@ from vn30_qlib.models.tft_inputs import (
 from vn30_qlib.models.training import LabelledRows, SequenceModel, segment_labels
 from vn30_qlib.models.windows import SequenceWindows
 
-# Rows per forward pass of the permutation importance: the passes are many and the weights are not kept, so
-# larger chunks than a training batch (fewer small kernel launches) at ~0.3 GiB more peak memory.
-PERMUTATION_CHUNK = 4096
-
 
 class _Panel:
     """Batches for any (day, instrument) row of a handler's panel: windows of past features joined with the
@@ -249,7 +245,7 @@ class TFT(SequenceModel):
         past = panel.windows.gather(rows.positions)
         per_day = [name in self.known_future for name in self.past_names]
         return diagnostics.permutation_importance(
-            lambda windows: self._forward(panel, rows, device, windows, PERMUTATION_CHUNK)[0][:, 0, self.quantiles.index(0.5)],
+            lambda windows: self._forward(panel, rows, device, windows)[0][:, 0, self.quantiles.index(0.5)],
             past, rows.index, label, self.past_names, per_day, repeats, seed=self.seed or 0)
 
     def _build_module(self) -> TemporalFusionNetwork:
@@ -281,13 +277,12 @@ class TFT(SequenceModel):
         index = dataset.prepare(segment, col_set="feature", data_key=DataHandlerLP.DK_I).index
         return panel, panel.rows(index), next(self.module.parameters()).device
 
-    def _forward(self, panel: _Panel, rows: PanelRows, device: torch.device, past: np.ndarray | None = None,
-                 chunk: int | None = None) -> tuple[torch.Tensor, list[TFTWeights]]:
-        """Forecasts (rows, H, Q) in label-sd units for all ``rows``, ``chunk`` rows (default: a training batch)
-        at a time; weights per chunk; ``past``: other past windows for the rows (`_Panel.batch`). (In 8,192-row
-        chunks each (rows, steps, variables, width) activation is ~200 MB: the pooled VN30 fit then peaked at
-        2.1 GiB instead of 1.5.)"""
-        chunk = chunk or self.batch_size
+    def _forward(self, panel: _Panel, rows: PanelRows, device: torch.device,
+                 past: np.ndarray | None = None) -> tuple[torch.Tensor, list[TFTWeights]]:
+        """Forecasts (rows, H, Q) in label-sd units for all ``rows``, a training batch at a time; weights per
+        chunk; ``past``: other past windows for the rows (`_Panel.batch`). (In 8,192-row chunks each (rows, steps,
+        variables, width) activation is ~200 MB: the pooled VN30 fit then peaked at 2.1 GiB instead of 1.5.)"""
+        chunk = self.batch_size
         self.module.eval()
         outputs, weights = [], []
         with torch.no_grad():
