@@ -90,7 +90,12 @@ def write_results(scores: list[dict], out_dir: str | Path) -> Path:
     path = Path(out_dir).expanduser() / "harness.json"
     body = {"scores": [{k: v for k, v in score.items() if k != "daily"} for score in scores],
             "comparisons": compare(scores)}
+    write_json(path, body)
+    return path
+
+
+def write_json(path: Path, body: dict) -> None:
+    """``body`` as JSON at ``path``, replaced atomically (the old file or the new one is there at every instant)."""
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(body, indent=2, default=str))
     partial.replace(path)
-    return path

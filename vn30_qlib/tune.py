@@ -36,7 +36,7 @@ import optuna
 import yaml
 
 from vn30_qlib.cv import CV_EXPERIMENT, Fold, folds_for
-from vn30_qlib.harness import seed_averaged, seeded_folds
+from vn30_qlib.harness import seed_averaged, seeded_folds, write_json
 from vn30_qlib.loop import create_tracking_store, init_qlib_for, require_inputs, sqlite_tracking_uri
 
 DEFAULT_SEEDS = (0, 1, 2)
@@ -71,6 +71,7 @@ def read_search_space(workflow: Path) -> dict:
     if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
             or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise SearchSpaceError(f"{path}: seeds must be a list of distinct integers, got {seeds!r}")
+    space["seeds"] = seeds
     for name, spec in space["params"].items():
         kind = spec.get("type") if isinstance(spec, dict) else None
         if kind not in ("float", "int", "categorical"):
@@ -142,16 +143,17 @@ def selection_bias(workflow: Path, provider: str, out_dir: Path, best_params: di
     folds just before the searched ones (same seeds: folds the search never saw; None when train + valid is too
     short for them); written to ``{out_dir}/selection_bias.json``."""
     space = read_search_space(workflow)
-    seeds = space.get("seeds", list(DEFAULT_SEEDS))
+    seeds = space["seeds"]
     tracking_uri = sqlite_tracking_uri(out_dir)
     init_qlib_for(provider, tracking_uri)
     folds_options = dict(space["folds"])
     task, folds = folds_for(workflow, provider, **folds_options)
+    datasets = _fold_datasets(task)  # the searched folds' data, when this process ran the trials
     task["model"].setdefault("kwargs", {}).update(best_params)
     fresh = [seed + FRESH_SEED_OFFSET for seed in seeds]
     result = {"search": {"seeds": seeds, "folds": len(folds), "rank_ic": best_value},
               "fresh_seeds": {"seeds": fresh, "folds": len(folds), "rank_ic": _harness_mean(
-                  task, folds, fresh, tracking_uri, f"{workflow.stem}/best_fresh_seeds")}}
+                  task, folds, fresh, tracking_uri, f"{workflow.stem}/best_fresh_seeds", datasets)}}
     try:
         earlier = folds_for(workflow, provider, **{**folds_options, "n_folds": 2 * len(folds)})[1][:len(folds)]
     except ValueError as error:  # too little training data before the searched folds
@@ -160,16 +162,15 @@ def selection_bias(workflow: Path, provider: str, out_dir: Path, best_params: di
         result["unseen_folds"] = {"seeds": seeds, "folds": [f"{f.valid[0]:%Y-%m-%d}..{f.valid[1]:%Y-%m-%d}"
                                                             for f in earlier],
                                   "rank_ic": _harness_mean(task, earlier, seeds, tracking_uri,
-                                                           f"{workflow.stem}/best_unseen_folds")}
-    path = out_dir / "selection_bias.json"
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(result, indent=2))
-    partial.replace(path)
+                                                           f"{workflow.stem}/best_unseen_folds", datasets)}
+    write_json(out_dir / "selection_bias.json", result)
     return result
 
 
-def _harness_mean(task: dict, folds: list[Fold], seeds: list[int], tracking_uri: str, run_name: str) -> float:
-    return float(seed_averaged(seeded_folds(task, folds, seeds, tracking_uri, run_name, dataset_cache={})).mean())
+def _harness_mean(task: dict, folds: list[Fold], seeds: list[int], tracking_uri: str, run_name: str,
+                  datasets: dict) -> float:
+    return float(seed_averaged(seeded_folds(task, folds, seeds, tracking_uri, run_name,
+                                            dataset_cache=datasets)).mean())
 
 
 def _open_study(workflow: Path, out_dir: Path, space: dict, seed: int | None = None) -> optuna.Study:
@@ -191,7 +192,7 @@ def run_trials(workflow: Path, provider: str, out_dir: Path, n_trials: int, seed
     task, folds = folds_for(workflow, provider, **space["folds"])
     task["model"].setdefault("kwargs", {})
     study = _open_study(workflow, out_dir, space, seed)
-    datasets = _FOLD_DATASETS.setdefault(json.dumps(task["dataset"], sort_keys=True, default=str), {})
+    datasets = _fold_datasets(task)
     study.optimize(lambda trial: _objective(trial, task, folds, space, tracking_uri, workflow, datasets),
                    n_trials=n_trials)
     return n_trials
@@ -199,6 +200,11 @@ def run_trials(workflow: Path, provider: str, out_dir: Path, n_trials: int, seed
 
 # Fold datasets built in this process, reused by its later trials (a worker process runs many).
 _FOLD_DATASETS: dict[str, dict] = {}
+
+
+def _fold_datasets(task: dict) -> dict:
+    """The fold datasets of ``task``'s dataset built in this process so far (filled as folds are fitted)."""
+    return _FOLD_DATASETS.setdefault(json.dumps(task["dataset"], sort_keys=True, default=str), {})
 
 
 def _objective(trial: optuna.Trial, task: dict, folds: list[Fold], space: dict, tracking_uri: str, workflow: Path,
@@ -224,7 +230,7 @@ def _objective(trial: optuna.Trial, task: dict, folds: list[Fold], space: dict, 
         if hasattr(model, "epoch_callback"):
             model.epoch_callback = epoch_callback
 
-    by_seed = seeded_folds(trial_task, folds, space.get("seeds", list(DEFAULT_SEEDS)), tracking_uri,
+    by_seed = seeded_folds(trial_task, folds, space["seeds"], tracking_uri,
                            f"{workflow.stem}/trial{trial.number}", on_fold=on_fold, model_hook=attach,
                            dataset_cache=datasets)
     from mlflow.tracking import MlflowClient
