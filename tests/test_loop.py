@@ -1,6 +1,7 @@
 """The symbol loop, the model store and the report, on the simulated market with a small LightGBM workflow."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 
 from conftest import FEW_FEATURES, small_lgb_workflow, write_workflow
 from vn30_qlib import store
-from vn30_qlib.loop import adapt_task, run_loop
+from vn30_qlib.loop import adapt_task, provider_fingerprint, run_loop, stored_member_fits
 from vn30_qlib.report import BEATS_T, build_report, paired_comparisons, tuned_vs_default, verdict
 from vn30_qlib.workflow_config import load_workflow
 
@@ -264,6 +265,41 @@ def test_per_symbol_lightgbm_learns_on_every_simulated_symbol(sim_provider, tmp_
                for s in symbols]
     assert [m["degenerate"] for m in metrics] == [False] * len(symbols)
     assert all(m["rank_ic"] is not None for m in metrics)
+
+
+def test_seed_ensemble_is_composed_from_stored_member_fits(sim_provider, tmp_path):
+    """tft_ensemble_vn30.yaml after tft_vn30.yaml ``--seeds 0 1`` (the same small TFT in both): the loop composes
+    the ensemble from the two stored fits (its stored predictions the mean of theirs, and it re-predicts them
+    once reloaded); a member config or seed that differs finds no stored member, so the ensemble is fitted."""
+    small = {"hidden_size: {{ TFT_HIDDEN | default(64, true) }}": "hidden_size: 8",
+             "n_epochs: {{ TFT_EPOCHS | default(50, true) }}": "n_epochs: 1",
+             'n_threads: {{ TFT_THREADS | default("auto", true) }}': "n_threads: 1"}
+    single = write_workflow(tmp_path / "wf", "tft_vn30.yaml", small)
+    ensemble = write_workflow(tmp_path / "wf", "tft_ensemble_vn30.yaml",
+                              {**small, "seeds: {{ TFT_SEEDS | default([0, 1, 2], true) }}": "seeds: [0, 1]"})
+    provider, root = sim_provider(0.1), tmp_path / "models"
+    singles = run_loop([single], provider, root, modes=["pooled"], seeds=[0, 1], progress=False)
+    assert [r["status"] for r in singles] == ["done", "done"], [r.get("error") for r in singles]
+    results = run_loop([ensemble], provider, root, modes=["pooled"], progress=False)
+    assert results[0]["status"] == "done", results[0].get("error")
+    version = store.latest(root / "pooled" / "tft_ensemble")
+    metadata = store.read_metadata(version)
+    assert metadata["members_from"] == ["pooled/tft.seed0/v0001", "pooled/tft.seed1/v0001"]
+    member_scores = [store.read_predictions(v, store.read_metadata(v))["score"]
+                     for v in (root / "pooled" / "tft.seed0" / "v0001", root / "pooled" / "tft.seed1" / "v0001")]
+    stored = store.read_predictions(version, metadata)["score"]
+    np.testing.assert_allclose(stored.to_numpy(), ((member_scores[0] + member_scores[1]) / 2).to_numpy(), atol=1e-6)
+    assert store.validate(version) < 1e-5
+
+    task = adapt_task(load_workflow(ensemble, {"VN30_PROVIDER": str(provider)})["task"], "pooled", None)
+    fingerprint = provider_fingerprint(provider)
+    assert stored_member_fits(task, root / "pooled", fingerprint) == [root / "pooled" / f"tft.seed{s}" / "v0001"
+                                                                      for s in (0, 1)]
+    other_seeds = copy.deepcopy(task)
+    other_seeds["model"]["kwargs"]["seeds"] = [0, 2]
+    assert stored_member_fits(other_seeds, root / "pooled", fingerprint) is None
+    task["model"]["kwargs"]["model"]["kwargs"]["dropout"] = 0.2
+    assert stored_member_fits(task, root / "pooled", fingerprint) is None
 
 
 def test_per_symbol_seed_ensemble_of_tfts_fits(sim_provider, tmp_path):

@@ -8,8 +8,10 @@ model config nested in them (a `SeedEnsemble`'s members), and merges the model's
 parameters suited to one symbol's ~1.5k rows) into its kwargs. Pooled mode fits the workflow as is (without
 ``per_symbol_kwargs``) and evaluates it per symbol. With seeds, each (model, mode, symbol) is fitted once per
 seed: the model's ``seed`` kwarg (an ensemble's ``seeds``: the seed-th block of as many members) and its own
-store entry ``{model}.seed{seed}``; a `RollingRetrain`'s seed and per-symbol kwargs go to the model it refits. A `ModelEnsemble` (z-scores across the day's names) is pooled only. Each fit
-is one Qlib recorder run (experiment ``vn30_loop``) tagged with symbol, model, mode and config hash, and one
+store entry ``{model}.seed{seed}``; a `RollingRetrain`'s seed and per-symbol kwargs go to the model it refits. A
+`SeedEnsemble` whose members are all stored already as fits of their own (`stored_member_fits`) is composed from
+them (without ``force``), its metadata's ``members_from`` naming them. A `ModelEnsemble` (z-scores across the
+day's names) is pooled only. Each fit is one Qlib recorder run (experiment ``vn30_loop``) tagged with symbol, model, mode and config hash, and one
 version in the model store (`vn30_qlib.store`). With ``backtest``, a pooled fit also runs its workflow's own
 portfolio analysis (the ``PortAnaRecord`` of its ``record`` list: top-k strategy, VN costs, lots and limits) on its
 test predictions, and stores the excess returns with the other metrics.
@@ -235,6 +237,34 @@ def _release_freed_memory() -> None:
             pass
 
 
+def stored_member_fits(task: dict, entries: Path, fingerprint: dict) -> list[Path] | None:
+    """For a `SeedEnsemble` task: the stored fits of its members, or None unless every member has one.
+
+    The member of seed s is a fit of the ensemble's task with the ensemble's ``model`` config and seed s; a fit
+    of that exact task (the same config hash, e.g. ``tft.seed{s}`` of ``tft_vn30.yaml`` under ``--seeds``) on the
+    same data (provider checksum), stored in ``entries`` (the ensemble's own mode and symbol folder), is that
+    member: the ensemble is composed from the latest such versions instead of fitting them again.
+    """
+    if task["model"].get("class") != "SeedEnsemble":
+        return None
+    kwargs = task["model"]["kwargs"]
+    member_hashes = {}
+    for seed in kwargs["seeds"]:
+        member = copy.deepcopy(kwargs["model"])
+        member.setdefault("kwargs", {})["seed"] = seed
+        member_hashes[config_hash({**task, "model": member})] = seed
+    found: dict[int, Path] = {}
+    for entry in sorted(p for p in entries.glob("*") if p.is_dir()) if entries.is_dir() else []:
+        version = store.latest(entry)
+        if version is None:
+            continue
+        metadata = store.read_metadata(version)
+        seed = member_hashes.get(metadata["config_hash"])
+        if seed is not None and metadata["provider"]["sha256"] == fingerprint["sha256"]:
+            found.setdefault(seed, version)
+    return [found[seed] for seed in kwargs["seeds"]] if len(found) == len(member_hashes) else None
+
+
 def _same_fit(version: Path, task_hash: str, fingerprint: dict) -> bool:
     meta = store.read_metadata(version)
     return meta["config_hash"] == task_hash and meta["provider"]["sha256"] == fingerprint["sha256"]
@@ -298,7 +328,12 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
         model = init_instance_by_config(task["model"])
         timings["data_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        model.fit(dataset)
+        members = None if force else stored_member_fits(task, target.parent, fingerprint)
+        if members is None:
+            model.fit(dataset)
+        else:  # a seed ensemble whose members are stored fits: composed from them, not fitted again
+            model.members = [store.load(version)[0] for version in members]
+            R.set_tags(members_from=", ".join(str(v.relative_to(target.parent.parent)) for v in members))
         timings["fit_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         pred = model.predict(dataset, segment="test")
@@ -324,6 +359,8 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
         "processors": fitted_state(dataset.handler),  # lets predict skip refitting them (vn30_qlib.processor_state)
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if members is not None:
+        metadata["members_from"] = [str(version.relative_to(target.parent.parent)) for version in members]
     predictions = pred.rename("score").to_frame().assign(label=label.reindex(pred.index))
     with store.entry_lock(target):
         current = None if force else store.latest(target)

@@ -1,0 +1,173 @@
+"""Which TFT variant earns the default? Each variant of `workflows/tft_vn30.yaml` (and, for scale, LightGBM's and
+the LSTM's workflows) is scored by the walk-forward harness (`vn30_qlib.harness`) on the same folds and seeds, and
+compared with the shipped TFT by the paired difference of their daily Rank IC series.
+
+    python bench/tft_variants.py --provider /tmp/vn30_real --out /work/tft_variants --jobs 2 \
+        --variants default,stop_on_loss,best_epoch,raw_label
+
+Each variant runs in its own process with one thread (``--jobs`` at once) and leaves ``{out}/{variant}/score.json``
+and ``daily.csv``; a variant already scored there is not refitted, so an interrupted run resumes. The table
+(``{out}/variants.md``) gives each variant's mean ± se, the seeds' sd, the folds' means, the paired difference
+from ``default`` with its t, and the cost: harness wall seconds per trained epoch (data loading, validation and
+prediction included) and epochs per fit. Adoption rule (issue 22): a variant replaces the default only when its
+paired difference is above one standard error (t > 1).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from ruamel.yaml import YAML
+
+from vn30_qlib.harness import harness_score, write_json
+from vn30_qlib.metrics import paired_difference
+from vn30_qlib.workflow_config import load_workflow
+
+ROOT = Path(__file__).resolve().parents[1]
+TFT = "workflows/tft_vn30.yaml"
+# segments purged for labels reading 6 trading days ahead (5 horizons): train and valid end 4 trading days earlier
+PURGED_FOR_6_DAYS = {"train": ["2015-10-05", "2021-12-23"], "valid": ["2022-01-01", "2022-12-22"],
+                     "test": ["2023-01-01", "2024-09-26"]}
+
+# name -> (workflow, model kwargs, handler kwargs, dataset segments)
+VARIANTS: dict[str, tuple[str, dict, dict, dict | None]] = {
+    "default": (TFT, {}, {}, None),
+    "stop_on_loss": (TFT, {"metric": "loss"}, {}, None),
+    "best_epoch": (TFT, {"average_best": 1}, {}, None),
+    "raw_label": (TFT, {}, {"learn_processors": [{"class": "DropnaLabel"}]}, None),
+    "horizons_5": (TFT, {"horizons": 5}, {"horizons": 5, "fit_end_time": "2021-12-23"}, PURGED_FOR_6_DAYS),
+    "window_60": (TFT, {"step_len": 60}, {}, None),
+    "window_10": (TFT, {"step_len": 10}, {}, None),
+    "dropout_0.3": (TFT, {"dropout": 0.3}, {}, None),
+    "hidden_32": (TFT, {"hidden_size": 32}, {}, None),
+    "all_158": (TFT, {}, {"features": None}, None),
+    "lgb": ("workflows/lgb_vn30.yaml", {}, {}, None),
+    "lstm": ("workflows/lstm_vn30.yaml", {}, {}, None),
+}
+
+
+def variant_workflow(name: str, provider: str, out: Path) -> Path:
+    """The variant's fully resolved workflow (no BASE_CONFIG_PATH, no Jinja) at ``{out}/{name}/workflow.yaml``."""
+    workflow, model_kwargs, handler_kwargs, segments = VARIANTS[name]
+    config = copy.deepcopy(load_workflow(ROOT / workflow, {"VN30_PROVIDER": provider, "TFT_THREADS": "1"}))
+    config.pop("BASE_CONFIG_PATH", None)
+    task = config["task"]
+    task["model"]["kwargs"].update(model_kwargs)
+    task["dataset"]["kwargs"]["handler"]["kwargs"].update(handler_kwargs)
+    if segments is not None:
+        task["dataset"]["kwargs"]["segments"] = segments
+    path = out / name / "workflow.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as stream:
+        YAML(typ="safe", pure=True).dump(config, stream)
+    return path
+
+
+def epochs_per_fit(out_dir: Path) -> list[int]:
+    """Epochs trained by each fold fit recorded in the harness's store (LightGBM: none are logged)."""
+    from mlflow.tracking import MlflowClient
+
+    from vn30_qlib.cv import CV_EXPERIMENT
+    from vn30_qlib.loop import sqlite_tracking_uri
+
+    client = MlflowClient(tracking_uri=sqlite_tracking_uri(out_dir))
+    experiment = client.get_experiment_by_name(CV_EXPERIMENT)
+    counts = []
+    for run in client.search_runs([experiment.experiment_id], filter_string="tags.fold != ''"):
+        keys = [key for key in run.data.metrics if key.endswith("train_loss")]
+        if keys:
+            counts.append(len(client.get_metric_history(run.info.run_id, keys[0])))
+    return counts
+
+
+def score_one(name: str, provider: str, out: Path, seeds: list[int], folds: int, valid_days: int) -> None:
+    workflow = variant_workflow(name, provider, out)
+    started = time.perf_counter()
+    score = harness_score(workflow, provider, out / name, seeds, folds, valid_days)
+    seconds = time.perf_counter() - started
+    epochs = epochs_per_fit(out / name)
+    daily = score.pop("daily")
+    partial = out / name / "daily.csv.partial"
+    daily.to_csv(partial)
+    partial.replace(out / name / "daily.csv")
+    write_json(out / name / "score.json", {**score, "variant": name, "seconds": seconds, "epochs": epochs,
+                                           "seconds_per_epoch": seconds / sum(epochs) if epochs else None})
+
+
+def table(out: Path, names: list[str]) -> str:
+    scored = [n for n in names if (out / n / "score.json").is_file()]
+    daily = {n: pd.read_csv(out / n / "daily.csv", index_col=0, parse_dates=True).iloc[:, 0] for n in scored}
+    lines = ["| variant | harness Rank IC (mean ± se) | seeds' sd | folds' means | minus default (t) "
+             "| s per epoch | epochs per fit |", "|---|---|---|---|---|---|---|"]
+    for name in scored:
+        score = json.loads((out / name / "score.json").read_text())
+        versus = "–"
+        if name != "default" and "default" in daily:
+            pair = paired_difference(daily[name], daily["default"])
+            versus = f"{pair['mean']:+.4f} ({pair['t']:+.2f})"
+        epochs = score["epochs"]
+        lines.append(
+            f"| {name} | {score['rank_ic_mean']:.4f} ± {score['rank_ic_se']:.4f} | {score['seed_sd']:.4f} | "
+            + ", ".join(f"{f['rank_ic']:.3f}" for f in score["folds"]) + f" | {versus} | "
+            + (f"{score['seconds_per_epoch']:.1f} | {sum(epochs) / len(epochs):.1f}" if epochs else
+               f"– ({score['seconds']:.0f} s in all) | –") + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--provider", required=True, help="Qlib provider folder (e.g. the real VN30 data)")
+    parser.add_argument("--out", required=True, help="folder of the variants' scores and fold runs")
+    parser.add_argument("--variants", default="default,stop_on_loss,best_epoch,raw_label",
+                        help=f"comma-separated, of: {', '.join(VARIANTS)} (default: %(default)s)")
+    parser.add_argument("--seeds", default="0,1,2", help="model seeds (default: %(default)s)")
+    parser.add_argument("--folds", type=int, default=4, help="walk-forward folds (default: %(default)s)")
+    parser.add_argument("--valid-days", type=int, default=120, help="days per validation block (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=1, help="variants scored at once (default: %(default)s)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a worker process: score this variant only
+    args = parser.parse_args()
+    out = Path(args.out).expanduser().resolve()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.one:
+        score_one(args.one, args.provider, out, seeds, args.folds, args.valid_days)
+        return
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    todo = [n for n in names if not (out / n / "score.json").is_file()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    running: list[tuple[str, subprocess.Popen]] = []
+    failed = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            name = todo.pop(0)
+            log = (out / f"{name}.log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, __file__, "--one", name, "--provider", args.provider, "--out", str(out),
+                       "--seeds", args.seeds, "--folds", str(args.folds), "--valid-days", str(args.valid_days)]
+            running.append((name, subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)))
+            print(f"{time.strftime('%H:%M:%S')} started {name} (log {log})", flush=True)
+        time.sleep(5)
+        for name, process in list(running):
+            if process.poll() is not None:
+                running.remove((name, process))
+                print(f"{time.strftime('%H:%M:%S')} {name} exited {process.returncode}", flush=True)
+                if process.returncode:
+                    failed.append(name)
+    text = table(out, names)
+    (out / "variants.md").write_text(text + "\n")
+    print(text)
+    if failed:
+        raise SystemExit(f"error: variants failed: {failed} (see their logs in {out})")
+
+
+if __name__ == "__main__":
+    main()
