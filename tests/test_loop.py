@@ -270,7 +270,7 @@ def test_per_symbol_lightgbm_learns_on_every_simulated_symbol(sim_provider, tmp_
 def test_seed_ensemble_is_composed_from_stored_member_fits(sim_provider, tmp_path):
     """tft_ensemble_vn30.yaml after tft_vn30.yaml ``--seeds 0 1`` (the same small TFT in both): the loop composes
     the ensemble from the two stored fits (its stored predictions the mean of theirs, and it re-predicts them
-    once reloaded); a member config or seed that differs finds no stored member, so the ensemble is fitted."""
+    once reloaded); a member config or seed that differs (beyond its threads or device) finds no stored member."""
     small = {"hidden_size: {{ TFT_HIDDEN | default(64, true) }}": "hidden_size: 8",
              "n_epochs: {{ TFT_EPOCHS | default(50, true) }}": "n_epochs: 1",
              'n_threads: {{ TFT_THREADS | default("auto", true) }}': "n_threads: 1"}
@@ -295,6 +295,9 @@ def test_seed_ensemble_is_composed_from_stored_member_fits(sim_provider, tmp_pat
     fingerprint = provider_fingerprint(provider)
     assert stored_member_fits(task, root / "pooled", fingerprint) == [root / "pooled" / f"tft.seed{s}" / "v0001"
                                                                       for s in (0, 1)]
+    elsewhere = copy.deepcopy(task)  # where and on how many threads a member ran does not change what it is
+    elsewhere["model"]["kwargs"]["model"]["kwargs"].update(n_threads=2, device="cpu")
+    assert stored_member_fits(elsewhere, root / "pooled", fingerprint) is not None
     other_seeds = copy.deepcopy(task)
     other_seeds["model"]["kwargs"]["seeds"] = [0, 2]
     assert stored_member_fits(other_seeds, root / "pooled", fingerprint) is None

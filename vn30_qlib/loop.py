@@ -51,6 +51,9 @@ CROSS_SECTIONAL_MODELS = {"ModelEnsemble"}
 WRAPPER_MODELS = {"RollingRetrain"}
 # model kwarg: (cross-sectional value, its per-symbol replacement)
 CROSS_SECTIONAL_MODEL_KWARGS = {"metric": ("ic", "loss"), "loss": ("ic", "mse")}
+# model kwargs that say where and on how many threads a fit ran, not what it fitted: a stored fit that differs from
+# a seed ensemble's member only in these is that member (`stored_member_fits`)
+RUNTIME_KWARGS = ("n_threads", "device")
 PACKAGES = ("pyqlib", "torch", "lightgbm", "pandas", "numpy", "mlflow", "vn30-qlib")
 
 
@@ -241,28 +244,33 @@ def stored_member_fits(task: dict, entries: Path, fingerprint: dict) -> list[Pat
     """For a `SeedEnsemble` task: the stored fits of its members, or None unless every member has one.
 
     The member of seed s is a fit of the ensemble's task with the ensemble's ``model`` config and seed s; a fit
-    of that exact task (the same config hash, e.g. ``tft.seed{s}`` of ``tft_vn30.yaml`` under ``--seeds``) on the
-    same data (provider checksum), stored in ``entries`` (the ensemble's own mode and symbol folder), is that
+    of that task (e.g. ``tft.seed{s}`` of ``tft_vn30.yaml`` under ``--seeds``; `RUNTIME_KWARGS` may differ) on
+    the same data (provider checksum), stored in ``entries`` (the ensemble's own mode and symbol folder), is that
     member: the ensemble is composed from the latest such versions instead of fitting them again.
     """
     if task["model"].get("class") != "SeedEnsemble":
         return None
     kwargs = task["model"]["kwargs"]
-    member_hashes = {}
+    member_identities = {}
     for seed in kwargs["seeds"]:
         member = copy.deepcopy(kwargs["model"])
         member.setdefault("kwargs", {})["seed"] = seed
-        member_hashes[config_hash({**task, "model": member})] = seed
+        member_identities[_fit_identity({**task, "model": member})] = seed
     found: dict[int, Path] = {}
     for entry in sorted(p for p in entries.glob("*") if p.is_dir()) if entries.is_dir() else []:
         version = store.latest(entry)
-        if version is None:
+        if version is None or store.read_metadata(version)["provider"]["sha256"] != fingerprint["sha256"]:
             continue
-        metadata = store.read_metadata(version)
-        seed = member_hashes.get(metadata["config_hash"])
-        if seed is not None and metadata["provider"]["sha256"] == fingerprint["sha256"]:
+        seed = member_identities.get(_fit_identity(store.read_task(version)))
+        if seed is not None:
             found.setdefault(seed, version)
-    return [found[seed] for seed in kwargs["seeds"]] if len(found) == len(member_hashes) else None
+    return [found[seed] for seed in kwargs["seeds"]] if len(found) == len(member_identities) else None
+
+
+def _fit_identity(task: dict) -> str:
+    """The config hash of ``task`` without its model's `RUNTIME_KWARGS`."""
+    kwargs = {k: v for k, v in task["model"].get("kwargs", {}).items() if k not in RUNTIME_KWARGS}
+    return config_hash({**task, "model": {**task["model"], "kwargs": kwargs}})
 
 
 def _same_fit(version: Path, task_hash: str, fingerprint: dict) -> bool:
