@@ -6,10 +6,11 @@ compared with the shipped TFT by the paired difference of their daily Rank IC se
         --variants default,stop_on_loss,best_epoch,raw_label
 
 Each variant runs in its own process with one thread (``--jobs`` at once) and leaves ``{out}/{variant}/score.json``
-and ``daily.csv``; a variant already scored there is not refitted, so an interrupted run resumes. The table
+``daily.csv`` and ``predictions.parquet``; a variant already scored there is not refitted, so an interrupted run resumes. The table
 (``{out}/variants.md``) gives each variant's mean ± se, the seeds' sd, the folds' means, the paired difference
 from ``default`` with its t, and the cost: harness wall seconds per trained epoch (data loading, validation and
-prediction included) and epochs per fit. Adoption rule (issue 22): a variant replaces the default only when its
+prediction included) and epochs per fit; then the ensembles (`ENSEMBLES`) scored from the variants' kept
+validation predictions, without refitting. Adoption rule (issue 22): a variant replaces the default only when its
 paired difference is above one standard error (t > 1).
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ import pandas as pd
 from ruamel.yaml import YAML
 
 from vn30_qlib.harness import harness_score, write_json
-from vn30_qlib.metrics import paired_difference
+from vn30_qlib.metrics import daily_rank_ic, paired_difference, standard_error
+from vn30_qlib.models.model_ensemble import daily_zscores
 from vn30_qlib.workflow_config import load_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +52,12 @@ VARIANTS: dict[str, tuple[str, dict, dict, dict | None]] = {
     "all_158": (TFT, {}, {"features": None}, None),
     "lgb": ("workflows/lgb_vn30.yaml", {}, {}, None),
     "lstm": ("workflows/lstm_vn30.yaml", {}, {}, None),
+}
+# name -> scored variants whose kept predictions it averages (`ensemble_daily`)
+ENSEMBLES: dict[str, list[str]] = {
+    "tft_seed_ensemble": ["default"],
+    "lgb_lstm_tft": ["lgb", "lstm", "default"],
+    "lgb_tft": ["lgb", "default"],
 }
 
 
@@ -93,12 +101,30 @@ def score_one(name: str, provider: str, out: Path, seeds: list[int], folds: int,
     score = harness_score(workflow, provider, out / name, seeds, folds, valid_days)
     seconds = time.perf_counter() - started
     epochs = epochs_per_fit(out / name)
-    daily = score.pop("daily")
-    partial = out / name / "daily.csv.partial"
-    daily.to_csv(partial)
-    partial.replace(out / name / "daily.csv")
+    daily, predictions = score.pop("daily"), score.pop("predictions")
+    for body, file in ((daily, "daily.csv"), (predictions, "predictions.parquet")):
+        partial = out / name / f"{file}.partial"
+        body.to_csv(partial) if file.endswith(".csv") else body.to_parquet(partial)
+        partial.replace(out / name / file)
     write_json(out / name / "score.json", {**score, "variant": name, "seconds": seconds, "epochs": epochs,
                                            "seconds_per_epoch": seconds / sum(epochs) if epochs else None})
+
+
+def ensemble_daily(out: Path, members: list[str]) -> pd.Series | None:
+    """The daily Rank IC of an ensemble of scored variants, from their kept validation predictions (None unless
+    every member has them). One member: its seeds' mean score (a seed ensemble of the seeds), one series. Several:
+    per seed, the mean of the members' per-day z-scores (`ModelEnsemble`), then seed-averaged as the harness does."""
+    if not all((out / m / "predictions.parquet").is_file() for m in members):
+        return None
+    frames = {m: pd.read_parquet(out / m / "predictions.parquet").droplevel("fold") for m in members}
+    label = frames[members[0]]["label"]
+    if len(members) == 1:
+        by_day = frames[members[0]]["score"].groupby(level=["datetime", "instrument"]).mean()
+        return daily_rank_ic(by_day, label.groupby(level=["datetime", "instrument"]).first())
+    scores = pd.concat({m: f["score"] for m, f in frames.items()}, axis=1, join="inner")
+    per_seed = {seed: daily_rank_ic(daily_zscores(group.droplevel("seed")).mean(axis=1), label.loc[seed])
+                for seed, group in scores.groupby(level="seed")}
+    return pd.concat(per_seed, axis=1).mean(axis=1)
 
 
 def table(out: Path, names: list[str]) -> str:
@@ -106,18 +132,30 @@ def table(out: Path, names: list[str]) -> str:
     daily = {n: pd.read_csv(out / n / "daily.csv", index_col=0, parse_dates=True).iloc[:, 0] for n in scored}
     lines = ["| variant | harness Rank IC (mean ± se) | seeds' sd | folds' means | minus default (t) "
              "| s per epoch | epochs per fit |", "|---|---|---|---|---|---|---|"]
+
+    def versus(name: str) -> str:
+        if name == "default" or "default" not in daily:
+            return "–"
+        pair = paired_difference(daily[name], daily["default"])
+        return f"{pair['mean']:+.4f} ({pair['t']:+.2f})"
+
     for name in scored:
         score = json.loads((out / name / "score.json").read_text())
-        versus = "–"
-        if name != "default" and "default" in daily:
-            pair = paired_difference(daily[name], daily["default"])
-            versus = f"{pair['mean']:+.4f} ({pair['t']:+.2f})"
         epochs = score["epochs"]
         lines.append(
             f"| {name} | {score['rank_ic_mean']:.4f} ± {score['rank_ic_se']:.4f} | {score['seed_sd']:.4f} | "
-            + ", ".join(f"{f['rank_ic']:.3f}" for f in score["folds"]) + f" | {versus} | "
+            + ", ".join(f"{f['rank_ic']:.3f}" for f in score["folds"]) + f" | {versus(name)} | "
             + (f"{score['seconds_per_epoch']:.1f} | {sum(epochs) / len(epochs):.1f}" if epochs else
                f"– ({score['seconds']:.0f} s in all) | –") + " |")
+    for name, members in ENSEMBLES.items():
+        series = ensemble_daily(out, members)
+        if series is None:
+            continue
+        daily[name] = series
+        folds = json.loads((out / members[0] / "score.json").read_text())["folds"]
+        lines.append(f"| {name} (from the kept predictions) | {series.mean():.4f} ± {standard_error(series):.4f} | – | "
+                     + ", ".join(f"{series.loc[f['valid'].split('..')[0]:f['valid'].split('..')[1]].mean():.3f}"
+                                 for f in folds) + f" | {versus(name)} | – | – |")
     return "\n".join(lines)
 
 

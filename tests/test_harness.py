@@ -42,3 +42,21 @@ def test_bad_seeds_are_exit_2(tmp_path, capsys):
         assert main(["harness", "w.yaml", "--seeds", seeds, "--out", str(tmp_path / "h")]) == 2
         assert "--seeds must be distinct integers" in capsys.readouterr().err
     assert not (tmp_path / "h").exists()
+
+
+def test_the_harness_keeps_the_predictions_its_score_is_made_of(sim_provider, tmp_path):
+    """Each seed's kept validation predictions give back the harness's daily series, so an ensemble of fitted
+    workflows can be scored from them without refitting; they hold the folds' validation days only."""
+    from vn30_qlib.harness import harness_score
+    from vn30_qlib.metrics import daily_rank_ic
+
+    workflow = small_lgb_workflow(tmp_path / "wf", rounds=20)
+    score = harness_score(workflow, sim_provider(0.1), tmp_path / "harness", seeds=[0, 1], n_folds=2, valid_days=60)
+    predictions = score["predictions"]
+    assert list(predictions.index.names) == ["seed", "fold", "datetime", "instrument"]
+    rebuilt = pd.concat({seed: daily_rank_ic(frame["score"].droplevel(["seed", "fold"]),
+                                             frame["label"].droplevel(["seed", "fold"]))
+                         for seed, frame in predictions.groupby(level="seed")}, axis=1).mean(axis=1)
+    pd.testing.assert_series_equal(rebuilt, score["daily"], check_names=False)
+    days = predictions.index.get_level_values("datetime")
+    assert days.nunique() == score["days"] == 120 and days.max() <= VALID_END

@@ -102,7 +102,8 @@ def cross_validate(task: dict, folds: list[Fold], tracking_uri: str, run_name: s
     ``on_fold(i, metrics)`` is called after each fold (the tuner reports to Optuna there, and may raise to
     prune); ``model_hook(model)`` may adjust the model before fitting (e.g. attach an epoch callback);
     ``dataset_cache`` keeps each fold's dataset between calls that differ only in the model (a search).
-    ``daily_rank_ic``: each fold's validation days' Rank IC (`vn30_qlib.harness` pools them over folds and seeds).
+    ``daily_rank_ic``: each fold's validation days' Rank IC (`vn30_qlib.harness` pools them over folds and seeds);
+    ``predictions``: each fold's validation scores beside the raw label (columns ``score``, ``label``).
     A fold whose predictions are constant scores IC and Rank IC 0 (no skill), not NaN. IC and Rank IC are
     against the raw return, ``mse_learnt`` against the label after the learn processors (what the model predicts);
     all from `vn30_qlib.metrics`.
@@ -115,7 +116,7 @@ def cross_validate(task: dict, folds: list[Fold], tracking_uri: str, run_name: s
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = create_tracking_store(tracking_uri, CV_EXPERIMENT)
     parent = client.create_run(experiment_id, run_name=run_name)
-    per_fold, daily_by_fold = [], []
+    per_fold, daily_by_fold, predictions = [], [], []
     status = "FAILED"
     try:
         for i, fold in enumerate(folds):
@@ -141,6 +142,7 @@ def cross_validate(task: dict, folds: list[Fold], tracking_uri: str, run_name: s
                 daily_by_fold.append(pd.Series(0.0, index=days, name="rank_ic") if cs["degenerate"]
                                      else daily_rank_ic(pred, label))
                 metrics["mse_learnt"] = mse(pred, learnt)
+                predictions.append(pd.DataFrame({"score": pred, "label": label.reindex(pred.index)}))
                 R.log_metrics(**metrics)
             per_fold.append(metrics)
             if on_fold:
@@ -149,6 +151,7 @@ def cross_validate(task: dict, folds: list[Fold], tracking_uri: str, run_name: s
         for key, value in mean.items():
             client.log_metric(parent.info.run_id, key, value)
         status = "FINISHED"
-        return {"folds": per_fold, **mean, "daily_rank_ic": daily_by_fold, "parent_run_id": parent.info.run_id}
+        return {"folds": per_fold, **mean, "daily_rank_ic": daily_by_fold, "predictions": predictions,
+                "parent_run_id": parent.info.run_id}
     finally:
         client.set_terminated(parent.info.run_id, status=status)

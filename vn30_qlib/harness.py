@@ -25,8 +25,9 @@ from vn30_qlib.metrics import paired_difference, standard_error
 def harness_score(workflow: str | Path, provider: str | Path, out_dir: str | Path, seeds: Sequence[int] = (0, 1, 2),
                   n_folds: int = 4, valid_days: int = 120) -> dict:
     """The workflow's score: ``rank_ic_mean`` ± ``rank_ic_se`` of the seed-averaged daily Rank IC over every
-    fold's validation days, ``seed_sd`` (the spread of the seeds' own means), the folds' means, and ``daily`` (the
-    series itself). Every fold fit is a recorder run in ``{out_dir}/mlruns.db`` (experiment ``vn30_cv``)."""
+    fold's validation days, ``seed_sd`` (the spread of the seeds' own means), the folds' means, ``daily`` (the
+    series itself) and ``predictions`` (every seed's validation scores and raw labels, indexed by seed and fold
+    besides day and name: ensembles of fitted workflows are scored from them without refitting). Every fold fit is a recorder run in ``{out_dir}/mlruns.db`` (experiment ``vn30_cv``)."""
     from vn30_qlib.cv import folds_for
     from vn30_qlib.loop import create_tracking_store, init_qlib_for, require_inputs, sqlite_tracking_uri
 
@@ -48,6 +49,8 @@ def harness_score(workflow: str | Path, provider: str | Path, out_dir: str | Pat
         "rank_ic_mean": float(daily.mean()), "rank_ic_se": standard_error(daily),
         "seed_sd": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else None,
         "daily": daily,
+        "predictions": pd.concat({seed: pd.concat(result["predictions"], keys=range(len(folds)), names=["fold"])
+                                  for seed, result in by_seed.items()}, names=["seed"]),
     }
 
 
@@ -86,9 +89,9 @@ def compare(scores: list[dict]) -> list[dict]:
 
 
 def write_results(scores: list[dict], out_dir: str | Path) -> Path:
-    """``{out_dir}/harness.json``: the scores without their daily series, and the comparisons."""
+    """``{out_dir}/harness.json``: the scores without their daily series and predictions, and the comparisons."""
     path = Path(out_dir).expanduser() / "harness.json"
-    body = {"scores": [{k: v for k, v in score.items() if k != "daily"} for score in scores],
+    body = {"scores": [{k: v for k, v in score.items() if k not in ("daily", "predictions")} for score in scores],
             "comparisons": compare(scores)}
     write_json(path, body)
     return path
