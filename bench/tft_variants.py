@@ -1,14 +1,14 @@
 """Which TFT variant earns the default? Each variant of `workflows/tft_vn30.yaml` (and, for scale, LightGBM's and
 the LSTM's workflows) is scored by the walk-forward harness (`vn30_qlib.harness`) on the same folds and seeds, and
-compared with the shipped TFT by the paired difference of their daily Rank IC series.
+compared with the shipped TFT and with LightGBM by the paired difference of their daily Rank IC series.
 
     python bench/tft_variants.py --provider /tmp/vn30_real --out /work/tft_variants --jobs 2 \
         --variants default,stop_on_loss,best_epoch,raw_label
 
 Each variant runs in its own process with one thread (``--jobs`` at once) and leaves ``{out}/{variant}/score.json``
 ``daily.csv`` and ``predictions.parquet``; a variant already scored there is not refitted, so an interrupted run resumes. The table
-(``{out}/variants.md``) gives each variant's mean ± se, the seeds' sd, the folds' means, the paired difference
-from ``default`` with its t, and the cost: harness wall seconds per trained epoch (data loading, validation and
+(``{out}/variants.md``) gives each variant's mean ± se, the seeds' sd, the folds' means, the paired differences
+from ``default`` and from ``lgb`` with their t, and the cost: harness wall seconds per trained epoch (data loading, validation and
 prediction included) and epochs per fit; then the ensembles (`ENSEMBLES`) scored from the variants' kept
 validation predictions, without refitting. Adoption rule (issue 22): a variant replaces the default only when its
 paired difference is above one standard error (t > 1).
@@ -130,14 +130,15 @@ def ensemble_daily(out: Path, members: list[str]) -> pd.Series | None:
 def table(out: Path, names: list[str]) -> str:
     scored = [n for n in names if (out / n / "score.json").is_file()]
     daily = {n: pd.read_csv(out / n / "daily.csv", index_col=0, parse_dates=True).iloc[:, 0] for n in scored}
-    lines = ["| variant | harness Rank IC (mean ± se) | seeds' sd | folds' means | minus default (t) "
-             "| s per epoch | epochs per fit |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | harness Rank IC (mean ± se) | seeds' sd | folds' means | minus default (t) | minus lgb (t) "
+             "| s per epoch | epochs per fit |", "|---|---|---|---|---|---|---|---|"]
 
     def versus(name: str) -> str:
-        if name == "default" or "default" not in daily:
-            return "–"
-        pair = paired_difference(daily[name], daily["default"])
-        return f"{pair['mean']:+.4f} ({pair['t']:+.2f})"
+        cells = []
+        for against in ("default", "lgb"):
+            pair = paired_difference(daily[name], daily[against]) if name != against and against in daily else None
+            cells.append(f"{pair['mean']:+.4f} ({pair['t']:+.2f})" if pair else "–")
+        return " | ".join(cells)
 
     for name in scored:
         score = json.loads((out / name / "score.json").read_text())
