@@ -5,12 +5,12 @@ compared with the shipped TFT and with LightGBM by the paired difference of thei
     python bench/tft_variants.py --provider /tmp/vn30_real --out /work/tft_variants --jobs 2 \
         --variants default,stop_on_loss,best_epoch,raw_label
 
-Each variant runs in its own process with one thread (``--jobs`` at once) and leaves ``{out}/{variant}/score.json``
-``daily.csv`` and ``predictions.parquet``; a variant already scored there is not refitted, so an interrupted run resumes. The table
-(``{out}/variants.md``) gives each variant's mean ± se, the seeds' sd, the folds' means, the paired differences
-from ``default`` and from ``lgb`` with their t, and the cost: harness wall seconds per trained epoch (data loading, validation and
-prediction included) and epochs per fit; then the ensembles (`ENSEMBLES`) scored from the variants' kept
-validation predictions, without refitting. Adoption rule (issue 22): a variant replaces the default only when its
+Each variant runs in its own process with one thread (``--jobs`` at once) and leaves ``{out}/{variant}/score.json``,
+``daily.csv`` and ``predictions.parquet``; a variant already scored there is not refitted, so an interrupted run
+resumes. The table (``{out}/variants.md``) gives each variant's mean ± se, the seeds' sd, the folds' means, the
+paired differences from ``default`` and from ``lgb`` with their t, and the cost: harness wall seconds per trained
+epoch (data loading, validation and prediction included) and epochs per fit; then the ensembles (`ENSEMBLES`)
+scored from the variants' kept validation predictions, without refitting. Adoption rule (issue 22): a variant replaces the default only when its
 paired difference is above one standard error (t > 1).
 """
 from __future__ import annotations
@@ -154,9 +154,9 @@ def table(out: Path, names: list[str]) -> str:
             continue
         daily[name] = series
         folds = json.loads((out / members[0] / "score.json").read_text())["folds"]
-        lines.append(f"| {name} (from the kept predictions) | {series.mean():.4f} ± {standard_error(series):.4f} | – | "
-                     + ", ".join(f"{series.loc[f['valid'].split('..')[0]:f['valid'].split('..')[1]].mean():.3f}"
-                                 for f in folds) + f" | {versus(name)} | – | – |")
+        fold_means = [series.loc[slice(*f["valid"].split(".."))].mean() for f in folds]
+        lines.append(f"| {name} (from the kept predictions) | {series.mean():.4f} ± {standard_error(series):.4f} | "
+                     f"– | {', '.join(f'{m:.3f}' for m in fold_means)} | {versus(name)} | – | – |")
     return "\n".join(lines)
 
 

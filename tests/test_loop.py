@@ -293,6 +293,9 @@ def test_seed_ensemble_is_composed_from_stored_member_fits(sim_provider, tmp_pat
 
     task = adapt_task(load_workflow(ensemble, {"VN30_PROVIDER": str(provider)})["task"], "pooled", None)
     fingerprint = provider_fingerprint(provider)
+    damaged = root / "pooled" / "damaged" / "v0001"  # an unreadable entry beside them is no member, and no error
+    damaged.mkdir(parents=True)
+    (damaged / "metadata.json").write_text("{not json")
     assert stored_member_fits(task, root / "pooled", fingerprint) == [root / "pooled" / f"tft.seed{s}" / "v0001"
                                                                       for s in (0, 1)]
     elsewhere = copy.deepcopy(task)  # where and on how many threads a member ran does not change what it is

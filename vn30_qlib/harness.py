@@ -27,7 +27,8 @@ def harness_score(workflow: str | Path, provider: str | Path, out_dir: str | Pat
     """The workflow's score: ``rank_ic_mean`` ± ``rank_ic_se`` of the seed-averaged daily Rank IC over every
     fold's validation days, ``seed_sd`` (the spread of the seeds' own means), the folds' means, ``daily`` (the
     series itself) and ``predictions`` (every seed's validation scores and raw labels, indexed by seed and fold
-    besides day and name: ensembles of fitted workflows are scored from them without refitting). Every fold fit is a recorder run in ``{out_dir}/mlruns.db`` (experiment ``vn30_cv``)."""
+    besides day and name: ensembles of fitted workflows are scored from them without refitting). Every fold fit
+    is a recorder run in ``{out_dir}/mlruns.db`` (experiment ``vn30_cv``)."""
     from vn30_qlib.cv import folds_for
     from vn30_qlib.loop import create_tracking_store, init_qlib_for, require_inputs, sqlite_tracking_uri
 

@@ -11,10 +11,10 @@ seed: the model's ``seed`` kwarg (an ensemble's ``seeds``: the seed-th block of 
 store entry ``{model}.seed{seed}``; a `RollingRetrain`'s seed and per-symbol kwargs go to the model it refits. A
 `SeedEnsemble` whose members are all stored already as fits of their own (`stored_member_fits`) is composed from
 them (without ``force``), its metadata's ``members_from`` naming them. A `ModelEnsemble` (z-scores across the
-day's names) is pooled only. Each fit is one Qlib recorder run (experiment ``vn30_loop``) tagged with symbol, model, mode and config hash, and one
-version in the model store (`vn30_qlib.store`). With ``backtest``, a pooled fit also runs its workflow's own
-portfolio analysis (the ``PortAnaRecord`` of its ``record`` list: top-k strategy, VN costs, lots and limits) on its
-test predictions, and stores the excess returns with the other metrics.
+day's names) is pooled only. Each fit is one Qlib recorder run (experiment ``vn30_loop``) tagged with symbol,
+model, mode and config hash, and one version in the model store (`vn30_qlib.store`). With ``backtest``, a pooled
+fit also runs its workflow's own portfolio analysis (the ``PortAnaRecord`` of its ``record`` list: top-k strategy,
+VN costs, lots and limits) on its test predictions, and stores the excess returns with the other metrics.
 """
 from __future__ import annotations
 
@@ -258,10 +258,13 @@ def stored_member_fits(task: dict, entries: Path, fingerprint: dict) -> list[Pat
         member_identities[_fit_identity({**task, "model": member})] = seed
     found: dict[int, Path] = {}
     for entry in sorted(p for p in entries.glob("*") if p.is_dir()) if entries.is_dir() else []:
-        version = store.latest(entry)
-        if version is None or store.read_metadata(version)["provider"]["sha256"] != fingerprint["sha256"]:
+        try:
+            version = store.latest(entry)
+            if version is None or store.read_metadata(version)["provider"]["sha256"] != fingerprint["sha256"]:
+                continue
+            seed = member_identities.get(_fit_identity(store.read_task(version)))
+        except store.StoreError:  # a damaged entry is no member (and must not stop the ensemble's own fit)
             continue
-        seed = member_identities.get(_fit_identity(store.read_task(version)))
         if seed is not None:
             found.setdefault(seed, version)
     return [found[seed] for seed in kwargs["seeds"]] if len(found) == len(member_identities) else None
