@@ -30,8 +30,8 @@ class VN30TFT(VN30Alpha158):
 
     Processors are VN30Alpha158's: features robust-z-scored with train-segment statistics; each horizon's label
     z-scored across the day's names, as for LightGBM and the LSTM. The pinball loss on the raw return is
-    dominated by the market's common move, which no per-stock input predicts (TFT test Rank IC 0.030 and 0.021
-    for seeds 0 and 1 on the real split, against 0.048 and 0.043 with this label; BENCHMARKS.md). To learn
+    dominated by the market's common move, which no per-stock input predicts (walk-forward harness on train +
+    valid: Rank IC 0.0297 with the raw return against 0.0454 with this label; BENCHMARKS.md). To learn
     raw-return quantiles anyway pass ``learn_processors=[{"class": "DropnaLabel"}]``.
     """
 
