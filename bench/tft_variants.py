@@ -102,9 +102,9 @@ def score_one(name: str, provider: str, out: Path, seeds: list[int], folds: int,
     seconds = time.perf_counter() - started
     epochs = epochs_per_fit(out / name)
     daily, predictions = score.pop("daily"), score.pop("predictions")
-    for body, file in ((daily, "daily.csv"), (predictions, "predictions.parquet")):
+    for write, file in ((daily.to_csv, "daily.csv"), (predictions.to_parquet, "predictions.parquet")):
         partial = out / name / f"{file}.partial"
-        body.to_csv(partial) if file.endswith(".csv") else body.to_parquet(partial)
+        write(partial)
         partial.replace(out / name / file)
     write_json(out / name / "score.json", {**score, "variant": name, "seconds": seconds, "epochs": epochs,
                                            "seconds_per_epoch": seconds / sum(epochs) if epochs else None})

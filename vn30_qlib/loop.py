@@ -340,11 +340,12 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
         timings["data_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         members = None if force else stored_member_fits(task, target.parent, fingerprint)
+        members_from = None if members is None else [str(v.relative_to(target.parent.parent)) for v in members]
         if members is None:
             model.fit(dataset)
         else:  # a seed ensemble whose members are stored fits: composed from them, not fitted again
             model.members = [store.load(version)[0] for version in members]
-            R.set_tags(members_from=", ".join(str(v.relative_to(target.parent.parent)) for v in members))
+            R.set_tags(members_from=", ".join(members_from))
         timings["fit_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         pred = model.predict(dataset, segment="test")
@@ -370,8 +371,8 @@ def _fit_and_store(entry: LoopEntry, task: dict, task_hash: str, fingerprint: di
         "processors": fitted_state(dataset.handler),  # lets predict skip refitting them (vn30_qlib.processor_state)
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if members is not None:
-        metadata["members_from"] = [str(version.relative_to(target.parent.parent)) for version in members]
+    if members_from is not None:
+        metadata["members_from"] = members_from
     predictions = pred.rename("score").to_frame().assign(label=label.reindex(pred.index))
     with store.entry_lock(target):
         current = None if force else store.latest(target)
