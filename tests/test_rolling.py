@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -226,12 +225,20 @@ def test_the_rolling_recorder_holds_the_joined_predictions_like_a_qrun(drifting)
         assert np.isfinite(metrics[key]), key
 
 
+DDGDA_OPTIONS = {"hist_step_n": 3, "max_epoch": 1, "fea_imp_n": None}  # 8 features: keep all
+
+
 def test_ddgda_runs_end_to_end_and_writes_its_recorder(drifting, tmp_path, tracking_uri):
     """Qlib's DDG-DA on the drifting market with the workflow's full records (the VN backtest included); its
-    meta-model trains only on meta-tasks whose labels end before the test window."""
+    meta-model trains only on meta-tasks whose labels end before the test window. `DDGDARetrain`, the model the
+    loop and the store keep, fits the same inside an open run (the loop's): the same predictions, its internal
+    runs kept out of the caller's store, and stored and rebuilt without a pickle it predicts the same again."""
+    import torch
     from qlib.data import D
+    from qlib.utils import init_instance_by_config
     from qlib.workflow import R
 
+    from vn30_qlib.model_files import read_model, write_model
     from vn30_qlib.rolling.command import run_rolling
     from vn30_qlib.workflow_config import load_workflow
 
@@ -245,28 +252,48 @@ def test_ddgda_runs_end_to_end_and_writes_its_recorder(drifting, tmp_path, track
     with pytest.MonkeyPatch.context() as monkeypatch:
         reads.install(monkeypatch)
         recorder = run_rolling(workflow, drifting["provider"], 60, method="ddgda",
-                               tracking_uri=tracking_uri, ddgda_options={"hist_step_n": 3, "max_epoch": 1,
-                                                                         "fea_imp_n": None})  # 8 features: keep all
+                               tracking_uri=tracking_uri, ddgda_options=DDGDA_OPTIONS)
     metrics = recorder.list_metrics()
     for key in ("IC", "Rank IC", "1day.excess_return_with_cost.annualized_return"):
         assert np.isfinite(metrics[key]), key
     assert recorder.list_params()["method"] == "ddgda"
-    import torch
-
     assert torch.is_grad_enabled(), "Qlib's meta-model left autograd off for the rest of the process"
     calendar = pd.DatetimeIndex(D.calendar(freq="day"))
     assert_fits_read_before_their_test(reads.fits, calendar, 60, 10_000)
     test_days = ((calendar >= pd.Timestamp(DRIFT_DATE)) & (calendar <= pd.Timestamp(DDGDA_TEST_END))).sum()
     assert len(reads.fits) == int(np.ceil(test_days / 60)) and all(reweighter is not None for reweighter in reads.reweighters)
     # the meta-model trains on the meta-tasks whose test windows end before the split date, REACH trading days
-    # before the test start (their labels read no test close); the later ones only report its test loss
-    meta = R.list_recorders(experiment_name=f"{recorder.list_params()['rolling_exp']}_meta")
-    assert len(meta) == 1
-    meta_params = next(iter(meta.values())).list_params()
+    # before the test start: the last label it reads reads no test close
+    params = recorder.list_params()
     split = calendar[calendar.searchsorted(pd.Timestamp(DRIFT_DATE)) - REACH]
-    assert meta_params["segments"] == f"{split:%Y-%m-%d}"
-    first_meta_test = re.findall(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", meta_params["proxy_test_begin"])
-    assert pd.Timestamp(first_meta_test[-1]) >= split, "the first task not trained on ends on or after the split"
+    assert params["meta_train_split"] == f"{split:%Y-%m-%d}" and int(params["meta_train_tasks"]) >= 1
+    last_read = calendar[calendar.get_loc(pd.Timestamp(params["meta_train_last_test_end"])) + REACH]
+    assert last_read < pd.Timestamp(DRIFT_DATE), f"the meta-model read the close of {last_read:%Y-%m-%d}"
+    # DDG-DA's internal runs (proxy models, meta-model: pickled artifacts) stay out of the user's store
+    assert not [name for name in R.list_experiments() if name.startswith(params["rolling_exp"] + "_")]
+
+    task = load_workflow(workflow, {"VN30_PROVIDER": str(drifting["provider"])})["task"]
+    config = {"class": "DDGDARetrain", "module_path": "vn30_qlib.models.ddgda_retrain",
+              "kwargs": {"model": task["model"], "step": 60, **DDGDA_OPTIONS}}
+    model, dataset = init_instance_by_config(config), init_instance_by_config(task["dataset"])
+    experiments = set(R.list_experiments())
+    model_reads = FitLabelReads()
+    with pytest.MonkeyPatch.context() as monkeypatch, R.start(experiment_name="ddgda_retrain"):
+        model_reads.install(monkeypatch)
+        run_id = R.get_recorder().id
+        model.fit(dataset)
+        assert R.get_recorder().id == run_id, "the caller's run is no longer the active one"
+    assert set(R.list_experiments()) == experiments | {"ddgda_retrain"}, "DDG-DA's internal runs reached the store"
+    assert torch.is_grad_enabled()
+    assert_fits_read_before_their_test(model_reads.fits, calendar, 60, 10_000)
+    assert [start for start, _ in model_reads.fits] == [start for start, _ in reads.fits]
+    assert len(model.time_weights) == len(model.windows) and all(w.notna().all() for w in model.time_weights)
+    ours, qlibs = model.predict(dataset), recorder.load_object("pred.pkl").iloc[:, 0]
+    assert ours.index.equals(qlibs.index)
+    np.testing.assert_allclose(ours.to_numpy(), qlibs.to_numpy(), rtol=0, atol=1e-12)
+    write_model(model, tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["window0", "window1", "windows.json"]
+    np.testing.assert_array_equal(read_model(config, tmp_path / "model").predict(dataset).to_numpy(), ours.to_numpy())
 
 
 def exit_code(argv: list[str]) -> int:
@@ -395,6 +422,34 @@ def test_the_shipped_rolled_workflows_refit_their_static_workflows_model(name, s
     assert rolled["model"].get("per_symbol_kwargs") == static["model"].get("per_symbol_kwargs")
     assert rolled["model"]["kwargs"]["step"] == step
     assert rolled["dataset"] == static["dataset"] and rolled["record"] == static["record"]
+
+
+def test_the_shipped_ddgda_workflow_reweights_lgb_vn30s_model_pooled_only_with_the_loops_seeds():
+    from vn30_qlib.loop import adapt_task
+    from vn30_qlib.workflow_config import load_workflow
+
+    task = load_workflow(REPO / "workflows" / "lgb_ddgda_vn30.yaml")["task"]
+    static = load_workflow(REPO / "workflows" / "lgb_vn30.yaml")["task"]
+    assert task["model"]["kwargs"]["model"] == {key: static["model"][key] for key in ("class", "module_path", "kwargs")}
+    assert task["dataset"] == static["dataset"] and task["model"]["kwargs"]["step"] == 20
+    pooled = adapt_task(task, "pooled", None, seed=3)["model"]["kwargs"]
+    assert pooled["model"]["kwargs"]["seed"] == 3 and "seed" not in pooled
+    with pytest.raises(ValueError, match="DDGDARetrain weighs training days by its proxy models' daily Rank IC.*"
+                                         "no per-symbol mode"):
+        adapt_task(task, "per_symbol", "ACB", seed=3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"model": {"class": "LSTM", "module_path": "vn30_qlib.models.lstm"}},
+     "LSTM.fit takes no reweighter: use RollingRetrain"),
+    ({"step": 4}, "DDG-DA needs a step of 5 trading days or more"),
+    ({"hist_stepn": 3}, "unknown kwarg 'hist_stepn' \\(did you mean 'hist_step_n'\\?\\)"),
+])
+def test_a_ddgda_model_refuses_what_ddgda_cannot_fit_naming_it(kwargs, message):
+    from vn30_qlib.models.ddgda_retrain import DDGDARetrain
+
+    with pytest.raises((ValueError, TypeError), match=message):
+        DDGDARetrain(**{"model": {"class": "LGBModel", "module_path": "vn30_qlib.models.lgb"}, **kwargs})
 
 
 def test_a_rolled_lstm_is_stored_as_state_dicts_per_window_and_predicts_the_same(drifting, tmp_path, tracking_uri):

@@ -46,9 +46,10 @@ from vn30_qlib.metrics import cross_sectional_metrics, time_series_metrics
 EXPERIMENT = "vn30_loop"
 CROSS_SECTIONAL_LABEL_PROCESSORS = {"CSZScoreNorm", "CSRankNorm", "CrossSectionalZScore"}
 # models that combine scores across the day's names, which one name a day cannot give: no per-symbol mode
-CROSS_SECTIONAL_MODELS = {"ModelEnsemble"}
+CROSS_SECTIONAL_MODELS = {"ModelEnsemble": "z-scores its members' scores across each day's names",
+                          "DDGDARetrain": "weighs training days by its proxy models' daily Rank IC across the names"}
 # models that refit another model config (their kwarg ``model``): seeds and per-symbol kwargs go to that one
-WRAPPER_MODELS = {"RollingRetrain"}
+WRAPPER_MODELS = {"RollingRetrain", "DDGDARetrain"}
 # model kwarg: (cross-sectional value, its per-symbol replacement)
 CROSS_SECTIONAL_MODEL_KWARGS = {"metric": ("ic", "loss"), "loss": ("ic", "mse")}
 # model kwargs that say where and on how many threads a fit ran, not what it fitted: a stored fit that differs from
@@ -139,8 +140,9 @@ def adapt_task(task: dict, mode: str, symbol: str | None, seed: int | None = Non
     if mode != "per_symbol":
         raise ValueError(f"unknown mode {mode!r}: use 'per_symbol' or 'pooled'")
     if task["model"].get("class") in CROSS_SECTIONAL_MODELS:
-        raise ValueError(f"{task['model']['class']} z-scores its members' scores across each day's names, and one "
-                         "name a day has no spread: it has no per-symbol mode; fit it pooled (--modes pooled)")
+        model_class = task["model"]["class"]
+        raise ValueError(f"{model_class} {CROSS_SECTIONAL_MODELS[model_class]}, and one name a day has no spread: "
+                         "it has no per-symbol mode; fit it pooled (--modes pooled)")
     handler = task["dataset"]["kwargs"]["handler"]["kwargs"]
     handler["instruments"] = [symbol]
     learn = handler.get("learn_processors") or _default_learn_processors(task)

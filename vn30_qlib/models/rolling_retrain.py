@@ -48,15 +48,20 @@ class RollingRetrain(Model):
         reach = label_reach(dataset.handler.data_loader.fields["label"][0])
         calendar = pd.DatetimeIndex(D.calendar(freq="day"))
         tasks = rolled_segments(dataset.segments, self.step, self.train_window, reach, calendar)
+        fit_kwargs = self.window_fit_kwargs(dataset, tasks)
         self.windows, self.members = [], []
-        for number, segments in enumerate(tasks, start=1):
+        for number, (segments, extra) in enumerate(zip(tasks, fit_kwargs), start=1):
             member = init_instance_by_config(copy.deepcopy(self.model))
             logger.info(f"window {number}/{len(tasks)}: test {segments['test'][0]:%Y-%m-%d} .. "
                         f"{segments['test'][1]:%Y-%m-%d}, train {segments['train'][0]:%Y-%m-%d} .. "
                         f"{segments['train'][1]:%Y-%m-%d}")
-            member.fit(type(dataset)(handler=dataset.handler, segments=segments))
+            member.fit(type(dataset)(handler=dataset.handler, segments=segments), **extra)
             self.windows.append(segments["test"])
             self.members.append(member)
+
+    def window_fit_kwargs(self, dataset: DatasetH, tasks: list[dict]) -> list[dict]:
+        """Extra keyword arguments of each window's ``fit``: none here; DDG-DA's reweighter in `DDGDARetrain`."""
+        return [{} for _ in tasks]
 
     def predict(self, dataset: DatasetH, segment: str = "test") -> pd.Series:
         if not self.members:

@@ -29,6 +29,7 @@ from typing import Mapping, Sequence
 import pandas as pd
 from qlib.contrib.rolling.base import Rolling
 from qlib.data import D
+from qlib.data.dataset.handler import DataHandlerLP
 from qlib.log import get_module_logger
 from qlib.utils import fill_placeholder, get_cls_kwargs, init_instance_by_config
 from qlib.utils.data import deepcopy_basic_type
@@ -87,22 +88,29 @@ class VN30Rolling(Rolling):
 
     method = "rr"  # the name in the default experiment name and the recorder's params
 
-    def __init__(self, workflow: str | Path, provider: str | Path, step: int, train_window: int | None = None,
-                 exp_name: str | None = None, **kwargs):
+    def __init__(self, workflow: str | Path | dict, provider: str | Path | None, step: int,
+                 train_window: int | None = None, exp_name: str | None = None,
+                 handler: DataHandlerLP | None = None, **kwargs):
+        """``workflow``: a YAML path (rendered on ``provider``), or a rendered workflow config; ``handler``: the
+        workflow's handler already built (a model fitting itself on its dataset: `DDGDARetrain`), else built
+        from the config."""
         if step < 1:
             raise RollingError(f"step must be 1 or more trading days, got {step}")
         if train_window is not None and train_window < 1:
             raise RollingError(f"train window must be 1 or more trading days, got {train_window}")
-        self.workflow_config = load_workflow(workflow, {"VN30_PROVIDER": str(provider)})
-        self.provider = Path(provider).expanduser()
+        in_memory = isinstance(workflow, dict)
+        self.workflow_config = (deepcopy(workflow) if in_memory
+                                else load_workflow(workflow, {"VN30_PROVIDER": str(provider)}))
+        if handler is not None:
+            self.shared_handler = handler
         self.train_window = train_window
         self.calendar = pd.DatetimeIndex(D.calendar(freq="day"))
         # Qlib cuts `horizon + 1` days before each test window: with horizon = reach, the last label before it
         # reads closes before its first day
         reach = label_reach(self.shared_handler.data_loader.fields["label"][0])
-        default_exp_name = f"{self.workflow_config.get('experiment_name', Path(workflow).stem)}_{self.method}"
-        super().__init__(conf_path=workflow, exp_name=exp_name or default_exp_name, horizon=reach, step=step,
-                         **kwargs)
+        name = self.workflow_config.get("experiment_name") or ("workflow" if in_memory else Path(workflow).stem)
+        super().__init__(conf_path="(in memory)" if in_memory else workflow,
+                         exp_name=exp_name or f"{name}_{self.method}", horizon=reach, step=step, **kwargs)
         self.rolling_exp = f"{self.exp_name}_tasks_{pd.Timestamp.now():%Y%m%d%H%M%S}_{uuid.uuid4().hex[:6]}"
         self.logger = get_module_logger("VN30Rolling")
 
@@ -125,7 +133,8 @@ class VN30Rolling(Rolling):
 
     @property
     def test_segment(self) -> tuple[pd.Timestamp, pd.Timestamp]:
-        return self.basic_task(enable_handler_cache=False)["dataset"]["kwargs"]["segments"]["test"]
+        return first_segments(self.workflow_config["task"]["dataset"]["kwargs"]["segments"], self.train_window,
+                              self.calendar)["test"]
 
     def get_task_list(self) -> list[dict]:
         """One task per ``step`` test days, each cut ``reach + 1`` days before its test window."""
