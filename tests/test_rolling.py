@@ -225,7 +225,7 @@ def test_the_rolling_recorder_holds_the_joined_predictions_like_a_qrun(drifting)
         assert np.isfinite(metrics[key]), key
 
 
-DDGDA_OPTIONS = {"hist_step_n": 3, "max_epoch": 1, "fea_imp_n": None}  # 8 features: keep all
+DDGDA_OPTIONS = {"hist_step_n": 3, "max_epoch": 1, "fea_imp_n": 4}  # the proxy data: LightGBM's top 4 of 8
 
 
 def test_ddgda_runs_end_to_end_and_writes_its_recorder(drifting, tmp_path, tracking_uri):

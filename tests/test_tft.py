@@ -237,6 +237,26 @@ def test_same_seed_same_predictions(planted):
     np.testing.assert_array_equal(again.predict(data).to_numpy(), model.predict(data).to_numpy())
 
 
+def test_the_ic_loss_term_trains_on_whole_days_and_still_recovers_the_planted_signal(planted, monkeypatch):
+    """``ic_loss_weight``: the pinball loss minus a daily-IC term of the median, on batches of whole days."""
+    from vn30_qlib.models import training
+
+    _, data = planted
+    batches, split = [], training.LabelledRows.batches
+
+    def recorded(rows, batch_size, by_day=False):
+        batches.append(by_day)
+        return split(rows, batch_size, by_day)
+
+    monkeypatch.setattr(training.LabelledRows, "batches", recorded)
+    model = TFT(**{**SMALL, "ic_loss_weight": 0.5})
+    model.fit(data)
+    assert batches and all(batches)
+    assert rank_ic(model, data) > 0.05
+    with pytest.raises(ValueError, match="ic_loss_weight must be a number >= 0"):
+        TFT(ic_loss_weight=-1)
+
+
 def test_tft_finds_nothing_in_pure_noise(sim_provider):
     """Leakage canary: with signal 0, a look-ahead would show as a Rank IC well away from 0; and no input's
     permutation importance stands out from its noise."""

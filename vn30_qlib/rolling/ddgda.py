@@ -190,6 +190,19 @@ class VN30DDGDA(DDGDA, VN30Rolling):
                 "num_threads", 0)
         return task
 
+    def _get_feature_importance(self) -> pd.Series:
+        """Qlib's: each feature's LightGBM importance, fitted on the workflow's train and valid segments; on the
+        shared handler itself (Qlib deep-copies the task, and a deep copy of a handler drops its data)."""
+        task = self._adjust_task(self.basic_task(), astype="gbdt")
+        with R.start(experiment_name=f"{self.rolling_exp}_feature_importance"):
+            model = init_instance_by_config(task["model"])
+            dataset = init_instance_by_config(task["dataset"])
+            model.fit(dataset)
+        columns = dataset.prepare(segments=slice(None), col_set="feature", data_key=DataHandlerLP.DK_R).columns
+        # LightGBM names the columns of the NumPy array it was given: Column_0, Column_1, ...
+        return pd.Series({columns[int(name.split("_")[1])]: value
+                          for name, value in model.get_feature_importance().items()})
+
     def _dump_data_for_proxy_model(self) -> None:
         """Qlib's proxy data (the ``fea_imp_n`` features LightGBM ranks first, z-scored per day, and the label),
         with a feature that is constant across a day's names set to 0 on that day.

@@ -36,7 +36,7 @@ from vn30_qlib.models.tft.sub_modules import quantile_loss
 from vn30_qlib.models.tft_inputs import (
     CALENDAR_FEATURES, calendar_features, extended_calendar, static_codes, validate_known_future,
 )
-from vn30_qlib.models.training import LabelledRows, SequenceModel, segment_labels
+from vn30_qlib.models.training import LabelledRows, SequenceModel, daily_ic, require_cross_sections, segment_labels
 from vn30_qlib.models.windows import SequenceWindows
 
 
@@ -103,6 +103,9 @@ class TFT(SequenceModel):
     ``importance_repeats``: shuffles per past input for the permutation importance computed at the end of fit on
     the valid segment (`get_feature_importance`, and `record_diagnostics`'s ``tft/past_importance``); each costs a
     forward pass over the valid segment per input (0: none).
+    ``ic_loss_weight``: above 0, the training loss is the pinball loss minus this weight times the mean daily IC
+    (`daily_ic`, within each batch's days) of the horizon-1 median: a ranking term for the score Qlib uses, beside
+    the quantiles; batches are then whole days, run unchunked (0: the pinball loss alone).
     """
 
     checkpoint_name = "tft.pt"
@@ -125,6 +128,7 @@ class TFT(SequenceModel):
         average_best: int = 5,
         chunk_rows: int | None = 256,
         importance_repeats: int = 1,
+        ic_loss_weight: float = 0.0,
         **loop_options,
     ):
         quantiles = [float(q) for q in quantiles]
@@ -134,11 +138,14 @@ class TFT(SequenceModel):
             raise ValueError(f"horizons must be >= 1, got {horizons}")
         if isinstance(importance_repeats, bool) or not isinstance(importance_repeats, int) or importance_repeats < 0:
             raise ValueError(f"importance_repeats must be an integer >= 0, got {importance_repeats!r}")
+        if isinstance(ic_loss_weight, bool) or not isinstance(ic_loss_weight, (int, float)) or ic_loss_weight < 0:
+            raise ValueError(f"ic_loss_weight must be a number >= 0, got {ic_loss_weight!r}")
         super().__init__(lr=lr, batch_size=batch_size, n_epochs=n_epochs, metric=metric, chunk_rows=chunk_rows,
                          **loop_options)
         self.hidden_size, self.variable_hidden_size = hidden_size, variable_hidden_size
         self.attention_hidden_size, self.num_heads, self.dropout = attention_hidden_size, num_heads, dropout
         self.quantiles, self.average_best, self.importance_repeats = quantiles, average_best, importance_repeats
+        self.ic_loss_weight = float(ic_loss_weight)
         self.horizons, self.step_len, self.known_future = horizons, step_len, validate_known_future(known_future)
         self.past_names: list[str] = []
         self.calendar_mean: pd.Series | None = None
@@ -164,11 +171,20 @@ class TFT(SequenceModel):
             self.module = self._build_module().to(device)
             quantiles = torch.tensor(self.quantiles, device=device)
             median = self.quantiles.index(0.5)
+            by_day = self.ic_loss_weight > 0
+            if by_day:
+                require_cross_sections(train.days, "ic_loss_weight > 0")
+
+            def loss(output: torch.Tensor, label: torch.Tensor, days: torch.Tensor) -> torch.Tensor:
+                pinball = quantile_loss(output, label, quantiles)
+                if not by_day:
+                    return pinball
+                return pinball - self.ic_loss_weight * daily_ic(output[:, 0, median], label[:, 0], days)
+
             self._train(train, valid, lambda rows: panel.batch(train_inputs, rows, device),
-                        lambda: self._forward(panel, valid_inputs, device)[0],
-                        lambda output, label, days: quantile_loss(output, label, quantiles),
+                        lambda: self._forward(panel, valid_inputs, device)[0], loss, by_day=by_day,
                         point=lambda output: output[:, 0, median], point_label=lambda label: label[:, 0],
-                        average_best=self.average_best, chunk_rows=self.chunk_rows,
+                        average_best=self.average_best, chunk_rows=None if by_day else self.chunk_rows,
                         shared_inputs=self.module.encode_static)
             self.importance = self._weights_summary(self._forward(panel, valid_inputs, device)[1], len(valid))
             if self.importance_repeats:
