@@ -298,8 +298,8 @@ def test_seed_ensemble_is_composed_from_stored_member_fits(sim_provider, tmp_pat
     (damaged / "metadata.json").write_text("{not json")
     assert stored_member_fits(task, root / "pooled", fingerprint) == [root / "pooled" / f"tft.seed{s}" / "v0001"
                                                                       for s in (0, 1)]
-    elsewhere = copy.deepcopy(task)  # where and on how many threads a member ran does not change what it is
-    elsewhere["model"]["kwargs"]["model"]["kwargs"].update(n_threads=2, device="cpu")
+    elsewhere = copy.deepcopy(task)  # where, on how many threads, with what checkpoints a member ran: not what it is
+    elsewhere["model"]["kwargs"]["model"]["kwargs"].update(n_threads=2, device="cpu", checkpoint_dir="checkpoints")
     assert stored_member_fits(elsewhere, root / "pooled", fingerprint) is not None
     other_seeds = copy.deepcopy(task)
     other_seeds["model"]["kwargs"]["seeds"] = [0, 2]

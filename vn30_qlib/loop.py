@@ -54,7 +54,7 @@ WRAPPER_MODELS = {"RollingRetrain", "DDGDARetrain"}
 CROSS_SECTIONAL_MODEL_KWARGS = {"metric": ("ic", "loss"), "loss": ("ic", "mse")}
 # model kwargs that say where and on how many threads a fit ran, not what it fitted: a stored fit that differs from
 # a seed ensemble's member only in these is that member (`stored_member_fits`)
-RUNTIME_KWARGS = ("n_threads", "device")
+RUNTIME_KWARGS = ("n_threads", "device", "checkpoint_dir")
 PACKAGES = ("pyqlib", "torch", "lightgbm", "pandas", "numpy", "mlflow", "vn30-qlib")
 
 
@@ -252,12 +252,11 @@ def stored_member_fits(task: dict, entries: Path, fingerprint: dict) -> list[Pat
     """
     if task["model"].get("class") != "SeedEnsemble":
         return None
+    from vn30_qlib.models.seed_ensemble import member_config
+
     kwargs = task["model"]["kwargs"]
-    member_identities = {}
-    for seed in kwargs["seeds"]:
-        member = copy.deepcopy(kwargs["model"])
-        member.setdefault("kwargs", {})["seed"] = seed
-        member_identities[_fit_identity({**task, "model": member})] = seed
+    member_identities = {_fit_identity({**task, "model": member_config(kwargs["model"], seed)}): seed
+                         for seed in kwargs["seeds"]}
     found: dict[int, Path] = {}
     for entry in sorted(p for p in entries.glob("*") if p.is_dir()) if entries.is_dir() else []:
         try:

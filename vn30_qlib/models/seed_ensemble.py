@@ -20,6 +20,15 @@ from vn30_qlib.models.kwargs_check import checked_kwargs
 from vn30_qlib.models.training import metric_prefix
 
 
+def member_config(model: dict, seed: int) -> dict:
+    """The config of a seed ensemble's member of seed ``seed``: ``model`` with that seed, its checkpoints (if it
+    keeps any) in ``seed{seed}/`` of its ``checkpoint_dir``."""
+    kwargs = {**model.get("kwargs", {}), "seed": seed}
+    if kwargs.get("checkpoint_dir") is not None:
+        kwargs["checkpoint_dir"] = str(Path(kwargs["checkpoint_dir"]).expanduser() / f"seed{seed}")
+    return {**model, "kwargs": kwargs}
+
+
 @checked_kwargs
 class SeedEnsemble(Model):
     """The mean prediction of ``model`` (a Qlib model config: ``class``, ``module_path``, ``kwargs``) fitted once
@@ -62,11 +71,8 @@ class SeedEnsemble(Model):
         return pd.concat(predictions, axis=1).mean(axis=1).rename(first.name)
 
     def _member(self, seed: int) -> Model:
-        kwargs = {**self.model.get("kwargs", {}), "seed": seed}
-        if kwargs.get("checkpoint_dir") is not None:
-            kwargs["checkpoint_dir"] = str(Path(kwargs["checkpoint_dir"]).expanduser() / f"seed{seed}")
         try:
-            return init_instance_by_config({**self.model, "kwargs": kwargs})
+            return init_instance_by_config(member_config(self.model, seed))
         except TypeError as error:
             if "'seed'" not in str(error):
                 raise
