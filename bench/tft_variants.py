@@ -51,6 +51,7 @@ VARIANTS: dict[str, tuple[str, dict, dict, dict | None]] = {
     "hidden_32": (TFT, {"hidden_size": 32}, {}, None),
     "all_158": (TFT, {}, {"features": None}, None),
     "ic_loss_0.5": (TFT, {"ic_loss_weight": 0.5}, {}, None),
+    "weekday_calendar": (TFT, {"known_future": ["day_of_week"]}, {}, None),
     "lgb": ("workflows/lgb_vn30.yaml", {}, {}, None),
     "lstm": ("workflows/lstm_vn30.yaml", {}, {}, None),
 }
