@@ -58,8 +58,8 @@ VARIANTS: dict[str, tuple[str, dict, dict, dict | None]] = {
 # name -> scored variants whose kept predictions it averages (`ensemble_daily`)
 ENSEMBLES: dict[str, list[str]] = {
     "tft_seed_ensemble": ["default"],
+    "ic_loss_seed_ensemble": ["ic_loss_0.5"],
     "lgb_lstm_tft": ["lgb", "lstm", "default"],
-    "lgb_tft": ["lgb", "default"],
 }
 
 

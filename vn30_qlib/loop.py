@@ -50,8 +50,10 @@ CROSS_SECTIONAL_MODELS = {"ModelEnsemble": "z-scores its members' scores across 
                           "DDGDARetrain": "weighs training days by its proxy models' daily Rank IC across the names"}
 # models that refit another model config (their kwarg ``model``): seeds and per-symbol kwargs go to that one
 WRAPPER_MODELS = {"RollingRetrain", "DDGDARetrain"}
-# model kwarg: (cross-sectional value, its per-symbol replacement)
-CROSS_SECTIONAL_MODEL_KWARGS = {"metric": ("ic", "loss"), "loss": ("ic", "mse")}
+# model kwarg: (whether a value of it needs a day's names, its per-symbol replacement)
+CROSS_SECTIONAL_MODEL_KWARGS = {"metric": (lambda value: value == "ic", "loss"),
+                                "loss": (lambda value: value == "ic", "mse"),
+                                "ic_loss_weight": (lambda value: value > 0, 0.0)}
 # model kwargs that say where and on how many threads a fit ran, not what it fitted: a stored fit that differs from
 # a seed ensemble's member only in these is that member (`stored_member_fits`)
 RUNTIME_KWARGS = ("n_threads", "device", "checkpoint_dir")
@@ -176,7 +178,7 @@ def _replace_cross_sectional(model: dict) -> None:
     """Replace the cross-sectional kwargs of ``model`` and of every model config nested in its kwargs."""
     kwargs = model.setdefault("kwargs", {})
     for key, (cross_sectional, replacement) in CROSS_SECTIONAL_MODEL_KWARGS.items():
-        if kwargs.get(key) == cross_sectional:
+        if key in kwargs and cross_sectional(kwargs[key]):
             kwargs[key] = replacement
     for value in kwargs.values():
         if isinstance(value, dict) and "class" in value:
