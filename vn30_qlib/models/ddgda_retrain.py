@@ -11,8 +11,6 @@ thread of its own: mlflow keeps one active run per thread, and the loop's run is
 from __future__ import annotations
 
 import copy
-import tempfile
-from pathlib import Path
 
 import pandas as pd
 from qlib.data.dataset import DatasetH
@@ -44,21 +42,16 @@ class DDGDARetrain(RollingRetrain):
 
     def window_fit_kwargs(self, dataset: DatasetH, tasks: list[dict]) -> list[dict]:
         """Each window's ``reweighter`` from `VN30DDGDA` on this dataset's handler and segments."""
-        from vn30_qlib.rolling.ddgda import VN30DDGDA, in_private_recorder
+        from vn30_qlib.rolling.ddgda import VN30DDGDA
 
         workflow = {"experiment_name": "ddgda", "task": {
             "model": copy.deepcopy(self.model),
             "dataset": {"class": type(dataset).__name__, "module_path": type(dataset).__module__,
                         "kwargs": {"handler": None, "segments": copy.deepcopy(dataset.segments)}}}}
         seed = self.model.get("kwargs", {}).get("seed", QLIB_META_SEED)
-
-        def weighted_tasks() -> list[dict]:
-            return VN30DDGDA(workflow, None, self.step, train_window=self.train_window, hist_step_n=self.hist_step_n,
+        weighted = VN30DDGDA(workflow, None, self.step, train_window=self.train_window, hist_step_n=self.hist_step_n,
                              alpha=self.alpha, max_epoch=self.max_epoch, fea_imp_n=self.fea_imp_n, seed=seed,
                              handler=dataset.handler).weighted_tasks()
-
-        with tempfile.TemporaryDirectory(prefix="vn30_ddgda_recorder_") as folder:
-            weighted = in_private_recorder(weighted_tasks, Path(folder))
         reweighters = {pd.Timestamp(task["dataset"]["kwargs"]["segments"]["test"][0]): task["reweighter"]
                        for task in weighted}
         missing = [f"{segments['test'][0]:%Y-%m-%d}" for segments in tasks

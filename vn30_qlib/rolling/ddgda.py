@@ -69,9 +69,10 @@ from vn30_qlib.metrics import NO_SPREAD, daily_rank_ic
 from vn30_qlib.rolling.bridge import RollingError, VN30Rolling
 from vn30_qlib.workflow_config import load_workflow
 
+Result = TypeVar("Result")
+
 # fewest names a day for the meta-model's IC loss (Qlib: 50, more than VN30 has)
 LOSS_SKIP_THRESH = 10
-Result = TypeVar("Result")
 # MetaTaskDS refuses a meta-task whose test window holds fewer labelled days
 META_TASK_MIN_DAYS = 5
 
@@ -98,10 +99,10 @@ class FolderExpManager(MLflowExpManager):
         return MLflowExperiment(create_tracking_store(self.uri, experiment_name), experiment_name, self.uri)
 
 
-def in_private_recorder(function: Callable[[], Result], folder: Path) -> Result:
-    """``function()`` run in a thread of its own while Qlib's recorder writes to a new mlflow store in ``folder``;
-    the caller's recorder, its active run, Qlib's default URI and mlflow's tracking URI are as before when it
-    returns or raises."""
+def in_private_recorder(function: Callable[[], Result]) -> Result:
+    """``function()`` run in a thread of its own while Qlib's recorder writes to a new mlflow store in a temporary
+    folder, removed after it; the caller's recorder, its active run, Qlib's default URI and mlflow's tracking URI
+    are as before when it returns or raises."""
     from vn30_qlib.loop import sqlite_tracking_uri
 
     outcome: dict = {}
@@ -117,15 +118,16 @@ def in_private_recorder(function: Callable[[], Result], folder: Path) -> Result:
     # new experiment manager also writes its URI into Qlib's global config: that is put back too
     callers_recorder, callers_uri = R._provider, mlflow.get_tracking_uri()
     callers_default_uri = callers_recorder.exp_manager.default_uri
-    R._provider = QlibRecorder(FolderExpManager(uri=sqlite_tracking_uri(folder), default_exp_name="ddgda"))
-    try:
-        thread = threading.Thread(target=target, name="ddgda")
-        thread.start()
-        thread.join()
-    finally:
-        R._provider = callers_recorder
-        callers_recorder.exp_manager.default_uri = callers_default_uri
-        mlflow.set_tracking_uri(callers_uri)
+    with tempfile.TemporaryDirectory(prefix="vn30_ddgda_recorder_") as folder:
+        R._provider = QlibRecorder(FolderExpManager(uri=sqlite_tracking_uri(Path(folder)), default_exp_name="ddgda"))
+        try:
+            thread = threading.Thread(target=target, name="ddgda")
+            thread.start()
+            thread.join()
+        finally:
+            R._provider = callers_recorder
+            callers_recorder.exp_manager.default_uri = callers_default_uri
+            mlflow.set_tracking_uri(callers_uri)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
@@ -281,8 +283,13 @@ class VN30DDGDA(DDGDA, VN30Rolling):
             R.save_objects(model=meta_model)
 
     def weighted_tasks(self) -> list[dict]:
-        """The rolling tasks, each with the meta-model's ``reweighter`` of its training days: proxy data, proxy
-        models, meta-model, then Qlib's inference; every task must come back with its weights.
+        """The rolling tasks, each with the meta-model's ``reweighter`` of its training days (`_weigh_tasks`), in
+        a private mlflow store (`in_private_recorder`): Qlib passes the proxy models' predictions and the
+        meta-model between its steps as pickled artifacts, and none of them reaches the caller's store."""
+        return in_private_recorder(self._weigh_tasks)
+
+    def _weigh_tasks(self) -> list[dict]:
+        """Proxy data, proxy models, meta-model, then Qlib's inference; every task must come back with its weights.
 
         Qlib's meta-model turns autograd off when it validates (``MetaModelDS.run_epoch`` calls
         ``torch.set_grad_enabled(False)`` and never turns it back on): every torch fit after it (a notebook, a test
@@ -313,9 +320,7 @@ class VN30DDGDA(DDGDA, VN30Rolling):
             **{f"meta_train_{key}": value for key, value in self.meta_train.items()})
 
     def run(self):
-        """Qlib's DDG-DA run: the weighted tasks (`weighted_tasks`, in a private mlflow store that is removed
-        after it: Qlib passes the proxy models' predictions and the meta-model between its steps as pickled
-        artifacts), then `VN30Rolling`'s fits and records; returns the recorder of the joined results."""
-        with tempfile.TemporaryDirectory(prefix="vn30_ddgda_recorder_") as folder:
-            self.weighted = in_private_recorder(self.weighted_tasks, Path(folder))
+        """Qlib's DDG-DA run: the weighted tasks (`weighted_tasks`), then `VN30Rolling`'s fits and records;
+        returns the recorder of the joined results."""
+        self.weighted = self.weighted_tasks()
         return super(DDGDA, self).run()
