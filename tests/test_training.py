@@ -53,18 +53,35 @@ class LinearOnShared(torch.nn.Module):
         return self.linear(x.x) + self.outer(shared)
 
 
-def fit_linear(average_best: int, n_epochs: int = 8, names_per_day: int = 8, chunk_rows: int | None = None,
-               halved_input: bool = False) -> tuple[torch.nn.Linear, list[dict], dict[int, dict]]:
-    """A noisy linear fit with a large learning rate, so the valid IC moves up and down across epochs.
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps a copy of the weights after every step, and the learning rate each step used."""
 
-    Returns the module as the loop left it, the history and each epoch's weights (seen by ``on_epoch``)."""
+    def __init__(self, params, lr: float):
+        super().__init__(params, lr=lr)
+        self.steps: list[list[torch.Tensor]] = []
+        self.lrs: list[float] = []
+
+    def step(self, closure=None):
+        self.lrs.append(self.param_groups[0]["lr"])
+        result = super().step(closure)
+        self.steps.append([p.detach().clone() for p in self.param_groups[0]["params"]])
+        return result
+
+
+def fit_linear(average_best: int, n_epochs: int = 8, names_per_day: int = 8, chunk_rows: int | None = None,
+               halved_input: bool = False, **loop_options) -> tuple[torch.nn.Linear, list[dict], dict[int, dict]]:
+    """A noisy linear fit with a large learning rate, so the valid IC moves up and down across epochs.
+    ``loop_options``: further `LoopConfig` fields.
+
+    Returns the module as the loop left it, the history and each epoch's weights (seen by ``on_epoch``); the
+    module's ``optimizer`` is a `RecordingSGD`."""
     torch.manual_seed(0)
     x, valid_x = torch.randn(256, 4), torch.randn(64, 4)
     w = torch.tensor([1.0, -0.5, 0.0, 0.0])
     y, valid_y = x @ w + 2 * torch.randn(256), valid_x @ w + 2 * torch.randn(64)
     valid_days = torch.arange(64) // names_per_day
     module = HalvesLinear(4, 1) if halved_input else torch.nn.Linear(4, 1)
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.3)
+    optimizer = module.optimizer = RecordingSGD(module.parameters(), lr=0.3)
     weights: dict[int, dict] = {}
 
     def batches():
@@ -76,7 +93,7 @@ def fit_linear(average_best: int, n_epochs: int = 8, names_per_day: int = 8, chu
         weights[epoch] = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     config = LoopConfig(n_epochs=n_epochs, early_stop=n_epochs, metric="ic", average_best=average_best,
-                        on_epoch=keep, chunk_rows=chunk_rows)
+                        on_epoch=keep, chunk_rows=chunk_rows, **loop_options)
     valid_input = HalvedInput(valid_x[:, :2], valid_x[:, 2:]) if halved_input else valid_x
     history = fit_epochs(module, optimizer, batches, lambda: module(valid_input), valid_y, valid_days,
                          lambda out, label, days: ((out.reshape(-1) - label) ** 2).mean(), config)
@@ -109,6 +126,69 @@ def test_average_best_and_chunk_rows_must_be_positive():
         fit_linear(average_best=0)
     with pytest.raises(ValueError, match="chunk_rows"):
         fit_linear(average_best=1, chunk_rows=0)
+
+
+def moving_average(steps: list[list[torch.Tensor]], decay: float) -> list[torch.Tensor]:
+    """The bias-corrected exponential moving average of the weights after each of ``steps``, from its formula."""
+    factors = [decay ** (len(steps) - 1 - s) for s in range(len(steps))]
+    return [sum(f * step[i] for f, step in zip(factors, steps)) / sum(factors) for i in range(len(steps[0]))]
+
+
+def test_weight_average_validates_and_restores_the_moving_average_of_the_steps():
+    """With ema_decay the valid IC is that of the averaged weights, the restored weights are the average at the
+    best epoch, and training goes on from the raw weights (which the average does not replace)."""
+    decay, steps_per_epoch = 0.8, 8
+    module, history, weights = fit_linear(average_best=1, ema_decay=decay)
+    steps = module.optimizer.steps
+    best = ranked_epochs(history)[0]
+    expected = moving_average(steps[:(best + 1) * steps_per_epoch], decay)
+    for value, wanted in zip(module.parameters(), expected):
+        torch.testing.assert_close(value.detach(), wanted)
+    last = history[-1]["epoch"]
+    raw = [weights[last][name] for name, _ in module.named_parameters()]
+    for value, step_value in zip(raw, steps[-1]):
+        torch.testing.assert_close(value, step_value, rtol=0, atol=0)  # on_epoch saw the raw weights
+    plain_module, plain_history, _ = fit_linear(average_best=1)
+    assert [row["valid_ic"] for row in history] != [row["valid_ic"] for row in plain_history]
+    assert history[0]["train_loss"] == plain_history[0]["train_loss"], "the first epoch trains the same weights"
+
+
+def test_plateau_schedule_halves_the_rate_after_two_epochs_without_a_better_valid_metric():
+    module, history, _ = fit_linear(average_best=1, n_epochs=12, lr_schedule="plateau")
+    lr, best, stalled, expected = 0.3, -np.inf, 0, []
+    for row in history:
+        expected.extend([lr] * 8)
+        if row["valid_ic"] > best:
+            best, stalled = row["valid_ic"], 0
+        else:
+            stalled += 1
+        if stalled > 2:
+            lr, stalled = lr / 2, 0
+    assert expected[-1] < 0.3, "the noisy fit should stall at least once"
+    np.testing.assert_allclose(module.optimizer.lrs, expected)
+    constant, _, _ = fit_linear(average_best=1, n_epochs=12)
+    assert set(constant.optimizer.lrs) == {0.3}
+
+
+def test_a_fit_with_averaging_and_a_schedule_resumes_exactly(tmp_path):
+    options = {"ema_decay": 0.8, "lr_schedule": "plateau", "checkpoint_path": tmp_path / "fit.pt"}
+    straight, straight_history, _ = fit_linear(average_best=2, n_epochs=10, **{**options, "checkpoint_path": None})
+    fit_linear(average_best=2, n_epochs=5, **options)
+    resumed, history, _ = fit_linear(average_best=2, n_epochs=10, resume=True, **options)
+    assert history == straight_history
+    for name, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, straight.state_dict()[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("options, refused", [({"ema_decay": 1.0}, "ema_decay"), ({"ema_decay": True}, "ema_decay"),
+                                              ({"lr_schedule": "cosine"}, "lr_schedule")])
+def test_bad_averaging_or_schedule_is_refused_when_the_model_is_made(options, refused):
+    from vn30_qlib.models.lstm import LSTM
+    from vn30_qlib.models.tft.model import TFT
+
+    for model in (LSTM, TFT):
+        with pytest.raises(ValueError, match=refused):
+            model(**options)
 
 
 def test_daily_ic_stopping_refuses_days_of_one_name():

@@ -239,7 +239,10 @@ class SequenceModel(CpuPickledModel, Model):
     folder, removed after fit), ``resume=True`` continues from the checkpoint there; ``n_threads``: torch's CPU
     threads for the fit ("auto": `vn30_qlib.cpu.fit_threads`, a share of the cores when other processes keep them
     busy; 0 = every core; or a count); ``cpu_kernels``: "auto", "on" or "off" (`vn30_qlib.models.cpu_kernels`;
-    ``VN30_CPU_KERNELS=0/1`` beats it): speed only, the same model either way.
+    ``VN30_CPU_KERNELS=0/1`` beats it): speed only, the same model either way. ``ema_decay``: validate, keep and
+    restore the exponential moving average of the weights over training steps instead of the weights themselves
+    (None: off); ``lr_schedule``: "plateau" halves the learning rate after 2 epochs without a better valid
+    ``metric`` (None: constant).
     """
 
     checkpoint_name = "model.pt"
@@ -247,7 +250,8 @@ class SequenceModel(CpuPickledModel, Model):
     def __init__(self, *, lr: float, batch_size: int, n_epochs: int, metric: str, chunk_rows: int | None,
                  early_stop: int = 10, grad_clip: float | None = 3.0, seed: int = 0, device: str = "auto",
                  checkpoint_dir: str | None = None, resume: bool = False, n_threads: int | str = THREADS_AUTO,
-                 cpu_kernels: str = "auto") -> None:
+                 cpu_kernels: str = "auto", ema_decay: float | None = None, lr_schedule: str | None = None) -> None:
+        LoopConfig(ema_decay=ema_decay, lr_schedule=lr_schedule)  # a bad value fails now, not after the data loaded
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs a checkpoint_dir to resume from")
         if cpu_kernels not in kernels.SETTINGS:
@@ -258,6 +262,7 @@ class SequenceModel(CpuPickledModel, Model):
         self.metric, self.grad_clip, self.seed, self.device = metric, grad_clip, seed, device
         self.checkpoint_dir, self.resume = checkpoint_dir, resume
         self.n_threads, self.chunk_rows, self.cpu_kernels = n_threads, chunk_rows, cpu_kernels
+        self.ema_decay, self.lr_schedule = ema_decay, lr_schedule
         self.module: torch.nn.Module | None = None
         self.history: list[dict] = []
         self.epoch_callback = None  # set by `vn30-qlib tune` to prune by epoch; not a YAML key, never pickled
@@ -286,7 +291,8 @@ class SequenceModel(CpuPickledModel, Model):
             folder = Path(self.checkpoint_dir).expanduser() if self.checkpoint_dir is not None else Path(tmp)
             config = LoopConfig(n_epochs=self.n_epochs, early_stop=self.early_stop, metric=self.metric,
                                 grad_clip=self.grad_clip, checkpoint_path=folder / self.checkpoint_name,
-                                resume=self.resume, on_epoch=self.epoch_callback, **loop_options)
+                                resume=self.resume, on_epoch=self.epoch_callback, ema_decay=self.ema_decay,
+                                lr_schedule=self.lr_schedule, **loop_options)
             self.history = fit_epochs(self.module, optimizer, train_batches, predict_valid, valid.label, valid.days,
                                       loss_fn, config, point, point_label)
 
@@ -307,6 +313,51 @@ class LoopConfig:
     checkpoint_path: str | Path | None = None   # None = no checkpoint (and no resume)
     resume: bool = False            # continue from checkpoint_path if it exists
     on_epoch: Callable[[int, dict], None] | None = None   # called with each history row (a search prunes here)
+    ema_decay: float | None = None  # validate and keep the steps' exponential moving average of the weights
+    lr_schedule: str | None = None  # "plateau": halve the learning rate after 2 epochs without a better valid metric
+
+    def __post_init__(self) -> None:
+        if self.ema_decay is not None and (isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float))
+                                       or not 0 < self.ema_decay < 1):
+            raise ValueError(f"ema_decay must be None or a number inside (0, 1), got {self.ema_decay!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+
+
+LR_SCHEDULES = (None, "plateau")
+
+
+class WeightAverage:
+    """The exponential moving average of a module's floating-point weights over optimizer steps, bias-corrected
+    as Adam's moments are (so the first steps are not pulled toward the initial weights): after step t its
+    weights are ``sum_s decay^(t-s) w_s / sum_s decay^(t-s)``."""
+
+    def __init__(self, module: torch.nn.Module, decay: float, state: dict | None = None):
+        self.module, self.decay = module, decay
+        self.names = [name for name, value in module.state_dict().items() if value.is_floating_point()]
+        if state is None:
+            self.sums = {name: torch.zeros_like(module.state_dict()[name]) for name in self.names}
+            self.steps = 0
+        else:
+            self.sums = {name: state["sums"][name].to(module.state_dict()[name].device) for name in self.names}
+            self.steps = int(state["steps"])
+
+    def update(self) -> None:
+        """Fold in the module's weights after an optimizer step."""
+        weights = self.module.state_dict()
+        with torch.no_grad():
+            for name in self.names:
+                self.sums[name].lerp_(weights[name], 1.0 - self.decay)
+        self.steps += 1
+
+    def weights(self) -> dict:
+        """The averaged weights as a CPU state dict (other entries from the module)."""
+        correction = 1.0 - self.decay ** self.steps
+        return {name: (self.sums[name] / correction).cpu() if name in self.sums else value
+                for name, value in _cpu_state(self.module).items()}
+
+    def state(self) -> dict:
+        return {"sums": {name: value.detach().cpu() for name, value in self.sums.items()}, "steps": self.steps}
 
 
 def fit_epochs(
@@ -330,6 +381,9 @@ def fit_epochs(
     label passes its first horizon). History rows: ``epoch, train_loss, valid_loss, valid_ic``,
     also logged to the active Qlib recorder with ``step=epoch``. With ``checkpoint_path`` the state after every
     epoch (and the best state so far) is saved there, so ``resume=True`` continues an interrupted fit exactly.
+    With ``config.ema_decay`` the weights validated, kept among the best and restored are the `WeightAverage`
+    of the steps so far (training goes on from the raw weights); with ``config.lr_schedule`` "plateau" the
+    learning rate halves after 2 epochs without a better valid metric.
     """
     if config.metric not in ("loss", "ic"):
         raise ValueError(f"metric must be 'loss' or 'ic', got {config.metric!r}")
@@ -343,10 +397,16 @@ def fit_epochs(
     path = Path(config.checkpoint_path) if config.checkpoint_path is not None else None
     # best_states: (score, epoch, weights) of the average_best best epochs so far, best first; the first one
     # (the earliest on a tie) is the best epoch, which early stopping counts from
-    state = {"epoch": -1, "best_states": [], "history": []}
+    scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2,
+                                                            threshold=0.0)
+                 if config.lr_schedule == "plateau" else None)
+    state = {"epoch": -1, "best_states": [], "history": [], "average": None, "scheduler": None}
     if config.resume and path is not None and path.is_file():
-        state = _load_checkpoint(path, module, optimizer)
+        state = {"average": None, "scheduler": None, **_load_checkpoint(path, module, optimizer)}
         logger.info(f"resumed from {path} after epoch {state['epoch']}")
+    average = WeightAverage(module, config.ema_decay, state["average"]) if config.ema_decay is not None else None
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
     best = state["best_states"]
     # a GPU wants whole batches and has no such cache: chunks only on CPU
     chunk_rows = config.chunk_rows if next(module.parameters()).device.type == "cpu" else None
@@ -357,7 +417,11 @@ def fit_epochs(
             logger.info(f"early stop: no better valid {config.metric} for {config.early_stop} epochs")
             break
         train_loss = _train_one_epoch(module, optimizer, train_batches(), loss_fn, config.grad_clip, chunk_rows,
-                                      config.shared_inputs)
+                                      config.shared_inputs, None if average is None else average.update)
+        raw = None
+        if average is not None:
+            raw = copy.deepcopy(_cpu_state(module))
+            module.load_state_dict(average.weights())
         module.eval()
         with torch.no_grad():
             output = predict_valid()
@@ -371,11 +435,18 @@ def fit_epochs(
             best.append((score, epoch, copy.deepcopy(_cpu_state(module))))
             best.sort(key=lambda kept: -kept[0])  # stable: an equal later score never goes first
             del best[config.average_best:]
+        if raw is not None:
+            module.load_state_dict(raw)
+        if scheduler is not None and np.isfinite(score):
+            scheduler.step(score)
         improved = bool(best) and best[0][1] == epoch
         state["epoch"] = epoch
+        state["average"] = None if average is None else average.state()
+        state["scheduler"] = None if scheduler is None else scheduler.state_dict()
         bar.set_postfix(train=f"{train_loss:.4f}", valid=f"{valid_loss:.4f}", ic=f"{valid_ic:.4f}")
         logger.info(f"epoch {epoch}: train loss {train_loss:.5f}, valid loss {valid_loss:.5f}, valid IC {valid_ic:.4f}"
-                    + (" (best)" if improved else ""))
+                    + (" (best)" if improved else "")
+                    + (f", lr {optimizer.param_groups[0]['lr']:.2g}" if scheduler is not None else ""))
         if path is not None:
             _save_checkpoint(path, module, optimizer, state)
         if config.on_epoch is not None:
@@ -391,7 +462,8 @@ def fit_epochs(
 
 
 def _train_one_epoch(module, optimizer, batches: Iterable[Batch], loss_fn: LossFn, grad_clip: float | None,
-                     chunk_rows: int | None, shared_inputs: Callable[[Any], Any] | None) -> float:
+                     chunk_rows: int | None, shared_inputs: Callable[[Any], Any] | None,
+                     after_step: Callable[[], None] | None = None) -> float:
     module.train()
     total, rows = 0.0, 0
     for x, y, days in batches:
@@ -410,6 +482,8 @@ def _train_one_epoch(module, optimizer, batches: Iterable[Batch], loss_fn: LossF
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
         optimizer.step()
+        if after_step is not None:
+            after_step()
         total += batch_loss * len(y)
         rows += len(y)
     return total / max(rows, 1)
