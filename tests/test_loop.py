@@ -326,3 +326,21 @@ def test_per_symbol_seed_ensemble_of_tfts_fits(sim_provider, tmp_path):
     assert store.read_task(version)["model"]["kwargs"]["model"]["kwargs"]["metric"] == "loss"
     stored = store.read_predictions(version, store.read_metadata(version))
     assert len(stored) > 300 and stored["score"].notna().all()
+
+
+def test_experiments_qlib_creates_keep_their_artifacts_beside_the_database(sim_provider, tmp_path, monkeypatch):
+    """An experiment Qlib creates on the store `init_qlib_for` set (a rolling run's, qrun-like records') writes
+    its artifacts under the database's folder, not into the ``./mlruns`` of the folder the process started in."""
+    from qlib.workflow import R
+
+    from vn30_qlib.loop import init_qlib_for, sqlite_tracking_uri
+
+    store_folder, started_in = tmp_path / "store", tmp_path / "cwd"
+    store_folder.mkdir()
+    started_in.mkdir()
+    monkeypatch.chdir(started_in)
+    init_qlib_for(sim_provider(0.1), sqlite_tracking_uri(store_folder))
+    with R.start(experiment_name="made_by_qlib"):
+        R.save_objects(**{"note.txt": "kept"})
+    assert list(started_in.iterdir()) == []
+    assert [path.name for path in (store_folder / "mlruns").rglob("note.txt")] == ["note.txt"]

@@ -38,6 +38,8 @@ from typing import Iterable, Sequence
 
 import filelock
 import pandas as pd
+from qlib.workflow.exp import MLflowExperiment
+from qlib.workflow.expm import MLflowExpManager
 
 from vn30_qlib import store
 from vn30_qlib.data.provider import read_instruments
@@ -88,8 +90,7 @@ def init_qlib_for(provider: str | Path, mlflow_uri: str | None = None) -> None:
 
     kwargs = {}
     if mlflow_uri:
-        kwargs["exp_manager"] = {"class": "MLflowExpManager", "module_path": "qlib.workflow.expm",
-                                 "kwargs": {"uri": mlflow_uri, "default_exp_name": EXPERIMENT}}
+        kwargs["exp_manager"] = folder_exp_manager(mlflow_uri, EXPERIMENT)
     qlib.init(provider_uri=str(Path(provider).expanduser()), region="cn", kernels=1, **kwargs)
 
 
@@ -454,6 +455,20 @@ def create_tracking_store(tracking_uri: str, experiment: str = EXPERIMENT) -> st
             return found.experiment_id
         artifacts = (database.parent / "mlruns").as_uri() if database else None
         return client.create_experiment(experiment, artifact_location=artifacts)
+
+
+class FolderExpManager(MLflowExpManager):
+    """Qlib's mlflow experiment manager whose new experiments keep their artifacts beside their sqlite database
+    (`create_tracking_store`), not in the ``./mlruns`` of whatever folder the process started in."""
+
+    def create_exp(self, experiment_name: str | None = None) -> MLflowExperiment:
+        return MLflowExperiment(create_tracking_store(self.uri, experiment_name), experiment_name, self.uri)
+
+
+def folder_exp_manager(tracking_uri: str, default_experiment: str) -> dict:
+    """The ``exp_manager`` of ``qlib.init`` for a `FolderExpManager` on ``tracking_uri``."""
+    return {"class": "FolderExpManager", "module_path": "vn30_qlib.loop",
+            "kwargs": {"uri": tracking_uri, "default_exp_name": default_experiment}}
 
 
 def _sqlite_path(tracking_uri: str) -> Path | None:

@@ -81,7 +81,7 @@ def run_rolling(workflow: str | Path, provider: str | Path | None, step: int, me
     `VN30DDGDA`) and return the joined results' recorder."""
     import qlib
 
-    from vn30_qlib.loop import require_inputs
+    from vn30_qlib.loop import folder_exp_manager, require_inputs
     from vn30_qlib.rolling.bridge import RollingError, VN30Rolling
     from vn30_qlib.workflow_config import load_workflow
 
@@ -98,8 +98,7 @@ def run_rolling(workflow: str | Path, provider: str | Path | None, step: int, me
         check_ddgda_input(config["task"]["model"], step)
     qlib_init["provider_uri"] = str(provider)
     if tracking_uri is not None:
-        qlib_init["exp_manager"] = {"class": "MLflowExpManager", "module_path": "qlib.workflow.expm",
-                                    "kwargs": {"uri": tracking_uri, "default_exp_name": "vn30"}}
+        qlib_init["exp_manager"] = folder_exp_manager(tracking_uri, "vn30")
     qlib.init(**qlib_init)
     if method == "ddgda":
         from vn30_qlib.rolling.ddgda import VN30DDGDA

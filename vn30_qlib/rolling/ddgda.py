@@ -62,8 +62,6 @@ from qlib.data.dataset.handler import DataHandlerLP
 from qlib.model.trainer import TrainerR
 from qlib.utils import get_callable_kwargs, init_instance_by_config
 from qlib.workflow import QlibRecorder, R
-from qlib.workflow.exp import MLflowExperiment
-from qlib.workflow.expm import MLflowExpManager
 
 from vn30_qlib.metrics import NO_SPREAD, daily_rank_ic
 from vn30_qlib.rolling.bridge import RollingError, VN30Rolling
@@ -89,21 +87,11 @@ def check_ddgda_input(model_config: dict, step: int, alternative: str = "--metho
                            f"test on one step each and refuse fewer days), got {step}")
 
 
-class FolderExpManager(MLflowExpManager):
-    """Qlib's mlflow experiment manager whose experiments keep their artifacts beside their sqlite database
-    (`vn30_qlib.loop.create_tracking_store`), not in the ``./mlruns`` of the process's working folder."""
-
-    def create_exp(self, experiment_name: str | None = None) -> MLflowExperiment:
-        from vn30_qlib.loop import create_tracking_store  # the loop imports this module's callers
-
-        return MLflowExperiment(create_tracking_store(self.uri, experiment_name), experiment_name, self.uri)
-
-
 def in_private_recorder(function: Callable[[], Result]) -> Result:
     """``function()`` run in a thread of its own while Qlib's recorder writes to a new mlflow store in a temporary
     folder, removed after it; the caller's recorder, its active run, Qlib's default URI and mlflow's tracking URI
     are as before when it returns or raises."""
-    from vn30_qlib.loop import sqlite_tracking_uri
+    from vn30_qlib.loop import FolderExpManager, sqlite_tracking_uri
 
     outcome: dict = {}
 
