@@ -54,6 +54,7 @@ VARIANTS: dict[str, tuple[str, dict, dict, dict | None]] = {
     "weekday_calendar": (TFT, {"known_future": ["day_of_week"]}, {}, None),
     "ema_0.99": (TFT, {"ema_decay": 0.99, "average_best": 1}, {}, None),
     "lr_plateau": (TFT, {"lr_schedule": "plateau"}, {}, None),
+    "market_context": (TFT, {"market_context": True}, {}, None),
     "rank_label": (TFT, {}, {"learn_processors": [{"class": "DropnaLabel"},
                                                   {"class": "CSRankNorm", "kwargs": {"fields_group": "label"}}]}, None),
     "lgb": ("workflows/lgb_vn30.yaml", {}, {}, None),

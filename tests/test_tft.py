@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from qlib.data.dataset import DatasetH
+from qlib.data.dataset.handler import DataHandlerLP
 from qlib.utils import init_instance_by_config
 
 from conftest import REPO, run_qrun
@@ -28,7 +29,8 @@ from vn30_qlib.models.tft.sub_modules import (
     StaticCovariateEncoder, VariableSelectionNetwork, quantile_loss,
 )
 from vn30_qlib.models.training import _take_rows
-from vn30_qlib.models.tft_inputs import CALENDAR_FEATURES, calendar_features, static_codes, validate_known_future
+from vn30_qlib.models.tft_inputs import (CALENDAR_FEATURES, calendar_features, static_codes, validate_known_future,
+                                         with_day_means)
 from vn30_qlib.workflow_config import load_workflow
 
 # Short segments and a small network keep each fit to seconds; the planted signal is strong enough for that.
@@ -255,6 +257,32 @@ def test_the_ic_loss_term_trains_on_whole_days_and_still_recovers_the_planted_si
     assert rank_ic(model, data) > 0.05
     with pytest.raises(ValueError, match="ic_loss_weight must be a number >= 0"):
         TFT(ic_loss_weight=-1)
+
+
+def test_market_context_feeds_each_features_day_mean_as_a_day_level_input(sim_provider, monkeypatch):
+    """``market_context``: each feature's mean over the day's names joins the past inputs, the permutation
+    importance shuffles it among days (a fact of the day, as the calendar inputs), and the planted signal is
+    still recovered."""
+    data = dataset(sim_provider(0.1))
+    features = data.handler.fetch(col_set="feature", data_key=DataHandlerLP.DK_I)
+    with_means = with_day_means(features)
+    day = features.index.get_level_values("datetime")[500]
+    np.testing.assert_allclose(with_means.xs(day, level="datetime")["KSFT_day_mean"],
+                               features.xs(day, level="datetime")["KSFT"].mean())
+    calls, original = [], diagnostics.permutation_importance
+
+    def recorded(forecast, past, index, label, names, per_day, *args, **kwargs):
+        calls.append(dict(zip(names, per_day)))
+        return original(forecast, past, index, label, names, per_day, *args, **kwargs)
+
+    monkeypatch.setattr(diagnostics, "permutation_importance", recorded)
+    model = TFT(**{**SMALL, "market_context": True, "importance_repeats": 1})
+    model.fit(data)
+    means = [f"{name}_day_mean" for name in features.columns]
+    assert model.past_names == list(features.columns) + means + list(CALENDAR_FEATURES)
+    assert calls == [{**dict.fromkeys(features.columns, False), **dict.fromkeys(means, True),
+                      **dict.fromkeys(CALENDAR_FEATURES, True)}]
+    assert rank_ic(model, data) > 0.05
 
 
 def test_tft_finds_nothing_in_pure_noise(sim_provider):

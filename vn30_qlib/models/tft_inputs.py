@@ -11,6 +11,9 @@ Days beyond the provider's calendar (the last H days' future) come from the HOSE
 
 Static inputs are the instrument's identity and its sector (the table in `vn30_qlib.data.sectors`),
 both as embedding indices where 0 means "not in the table".
+
+Market context (`with_day_means`) is a past input of the day, the same for every name: each feature's mean over
+the day's names.
 """
 from __future__ import annotations
 
@@ -116,3 +119,20 @@ def static_codes(instruments: Iterable[str]) -> np.ndarray:
         for name in instruments
     ]
     return np.asarray(rows, dtype="int64").reshape(-1, 2)
+
+
+DAY_MEAN_SUFFIX = "_day_mean"
+
+
+def with_day_means(features: pd.DataFrame) -> pd.DataFrame:
+    """``features`` (indexed by datetime and instrument) with each column's mean over the day's names beside it,
+    as ``{name}_day_mean``: the market's state on day t (its return, volatility, volume: an equal-weight view of
+    the index) from the day's own features, which a name's features alone do not show."""
+    means = features.groupby(level="datetime").transform("mean")
+    means.columns = [f"{name}{DAY_MEAN_SUFFIX}" for name in features.columns]
+    return pd.concat([features, means], axis=1)
+
+
+def is_day_mean(name: str) -> bool:
+    """Is ``name`` a past input of `with_day_means` (a fact of the day, not of a name)?"""
+    return name.endswith(DAY_MEAN_SUFFIX)

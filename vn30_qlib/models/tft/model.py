@@ -2,8 +2,8 @@
 
 Inputs per (day t, instrument):
 - static: instrument identity and sector (embedding indices, `tft_inputs.static_codes`);
-- past, days t-L+1..t: the handler's features (processed on day t's information only) and the calendar facts
-  of those days;
+- past, days t-L+1..t: the handler's features (processed on day t's information only), with ``market_context``
+  each feature's mean over the day's names (`tft_inputs.with_day_means`), and the calendar facts of those days;
 - known future, days t+1..t+H: calendar facts only (`tft_inputs.CALENDAR_FEATURES`; anything else is rejected).
 
 Outputs: for each horizon h = 1..H (the return from close t+h to close t+h+1, the handler's LABEL{h-1}) the
@@ -34,7 +34,8 @@ from vn30_qlib.models.tft import diagnostics
 from vn30_qlib.models.tft.network import TemporalFusionNetwork, TFTBatch, TFTWeights
 from vn30_qlib.models.tft.sub_modules import quantile_loss
 from vn30_qlib.models.tft_inputs import (
-    CALENDAR_FEATURES, calendar_features, extended_calendar, static_codes, validate_known_future,
+    CALENDAR_FEATURES, calendar_features, extended_calendar, is_day_mean, static_codes, validate_known_future,
+    with_day_means,
 )
 from vn30_qlib.models.training import LabelledRows, SequenceModel, daily_ic, require_cross_sections, segment_labels
 from vn30_qlib.models.windows import SequenceWindows
@@ -107,6 +108,8 @@ class TFT(SequenceModel):
     ``ic_loss_weight``: above 0, the training loss is the pinball loss minus this weight times the mean daily IC
     (`daily_ic`, within each batch's days) of the horizon-1 median: a ranking term for the score Qlib uses, beside
     the quantiles; batches are then whole days, run unchunked (0: the pinball loss alone).
+    ``market_context``: also feed each feature's mean over the day's names as a past input (`with_day_means`),
+    the market's state beside the name's own.
     """
 
     checkpoint_name = "tft.pt"
@@ -130,6 +133,7 @@ class TFT(SequenceModel):
         chunk_rows: int | None = 256,
         importance_repeats: int = 1,
         ic_loss_weight: float = 0.0,
+        market_context: bool = False,
         **loop_options,
     ):
         quantiles = [float(q) for q in quantiles]
@@ -146,7 +150,7 @@ class TFT(SequenceModel):
         self.hidden_size, self.variable_hidden_size = hidden_size, variable_hidden_size
         self.attention_hidden_size, self.num_heads, self.dropout = attention_hidden_size, num_heads, dropout
         self.quantiles, self.average_best, self.importance_repeats = quantiles, average_best, importance_repeats
-        self.ic_loss_weight = float(ic_loss_weight)
+        self.ic_loss_weight, self.market_context = float(ic_loss_weight), bool(market_context)
         self.horizons, self.step_len, self.known_future = horizons, step_len, validate_known_future(known_future)
         self.past_names: list[str] = []
         self.calendar_mean: pd.Series | None = None
@@ -260,7 +264,7 @@ class TFT(SequenceModel):
                                 segment: str | slice, repeats: int) -> pd.DataFrame:
         label = dataset.prepare(segment, col_set="label", data_key=DataHandlerLP.DK_L).iloc[:, 0]
         past = panel.windows.gather(rows.positions)
-        per_day = [name in self.known_future for name in self.past_names]
+        per_day = [name in self.known_future or is_day_mean(name) for name in self.past_names]
         return diagnostics.permutation_importance(
             lambda windows: self._forward(panel, rows, device, windows)[0][:, 0, self.quantiles.index(0.5)],
             past, rows.index, label, self.past_names, per_day, repeats, seed=self.seed or 0)
@@ -277,6 +281,8 @@ class TFT(SequenceModel):
     def _panel(self, dataset: DatasetH) -> _Panel:
         calendar = (self._raw_calendar() - self.calendar_mean) / self.calendar_std
         features = dataset.handler.fetch(col_set="feature", data_key=DataHandlerLP.DK_I)
+        if self.market_context:
+            features = with_day_means(features)
         return _Panel(features, calendar.astype("float32"), self.horizons, self.step_len)
 
     def _labels(self, dataset: DatasetH, segment: str) -> pd.DataFrame:
