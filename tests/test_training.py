@@ -14,7 +14,7 @@ import torch
 from vn30_qlib import cpu
 from vn30_qlib.cpu import fit_threads
 from vn30_qlib.models import cpu_kernels
-from vn30_qlib.models.training import LoopConfig, fit_epochs, fit_session, native_bf16
+from vn30_qlib.models.training import LoopConfig, adam, fit_epochs, fit_session, native_bf16
 
 
 class HalvedInput(NamedTuple):
@@ -180,8 +180,28 @@ def test_a_fit_with_averaging_and_a_schedule_resumes_exactly(tmp_path):
         torch.testing.assert_close(value, straight.state_dict()[name], rtol=0, atol=0)
 
 
+def test_adam_without_weight_decay_steps_exactly_as_plain_adam_and_with_it_shrinks_the_weights():
+    def trained(optimizer_for) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        optimizer = optimizer_for(module)
+        for _ in range(50):
+            x = torch.randn(32, 6)
+            optimizer.zero_grad()
+            ((module(x) - x[:, :1]) ** 2).mean().backward()
+            optimizer.step()
+        return [p.detach() for p in module.parameters()]
+
+    plain = trained(lambda m: torch.optim.Adam(m.parameters(), lr=0.01))
+    ours = trained(lambda m: adam(m, 0.01))
+    assert all(torch.equal(a, b) for a, b in zip(plain, ours))
+    decayed = trained(lambda m: adam(m, 0.01, weight_decay=5.0))
+    assert sum(p.norm() for p in decayed) < 0.8 * sum(p.norm() for p in ours)
+
+
 @pytest.mark.parametrize("options, refused", [({"ema_decay": 1.0}, "ema_decay"), ({"ema_decay": True}, "ema_decay"),
-                                              ({"lr_schedule": "cosine"}, "lr_schedule")])
+                                              ({"lr_schedule": "cosine"}, "lr_schedule"),
+                                              ({"weight_decay": -0.1}, "weight_decay")])
 def test_bad_averaging_or_schedule_is_refused_when_the_model_is_made(options, refused):
     from vn30_qlib.models.lstm import LSTM
     from vn30_qlib.models.tft.model import TFT

@@ -80,7 +80,7 @@ class LSTM(SequenceModel):
     batch; batches are then whole days). ``metric``: what early stopping watches on the valid segment, "loss"
     or "ic". ``loop_options``: ``early_stop``, ``grad_clip``, ``seed``, ``device``, ``checkpoint_dir``, ``resume``,
     ``n_threads`` ("auto": a share of the cores when other jobs keep them busy), ``cpu_kernels``, ``ema_decay``,
-    ``lr_schedule``: see `SequenceModel`. ``chunk_rows``: on a CPU, each
+    ``lr_schedule``, ``weight_decay``: see `SequenceModel`. ``chunk_rows``: on a CPU, each
     batch's forward and backward run this many rows at a time (twice as many in bfloat16; the "mse" loss only),
     so the LSTM's activations stay in cache; the gradient is the batch's (only the dropout draws differ).
     ``precision``: "float32", "bfloat16" (autocast: bf16 matmuls, float32 weights and optimizer) or "auto"

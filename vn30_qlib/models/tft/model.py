@@ -94,8 +94,8 @@ class TFT(SequenceModel):
     (DK_L; a raw return if its learn processors only drop NaN), scaled for training by its train-segment sd per
     horizon; calendar inputs are standardised with train-segment statistics.
     ``metric``, ``average_best`` and ``loop_options`` (``early_stop``, ``grad_clip``, ``seed``, ``device``,
-    ``checkpoint_dir``, ``resume``, ``n_threads``, ``cpu_kernels``, ``ema_decay``, ``lr_schedule``: see
-    `SequenceModel`) go to the shared loop
+    ``checkpoint_dir``, ``resume``, ``n_threads``, ``cpu_kernels``, ``ema_decay``, ``lr_schedule``,
+    ``weight_decay``: see `SequenceModel`) go to the shared loop
     (`vn30_qlib.models.training`); ``average_best``: the fitted weights are the mean of those of the
     ``average_best`` best epochs by the valid metric; on the real split, 5 gave a higher and steadier test Rank IC
     over seeds than the single best epoch (BENCHMARKS.md). The TFT runs many small kernels, so on a CPU shared with
