@@ -55,6 +55,7 @@ VARIANTS: dict[str, tuple[str, dict, dict, dict | None]] = {
     "ema_0.99": (TFT, {"ema_decay": 0.99, "average_best": 1}, {}, None),
     "lr_plateau": (TFT, {"lr_schedule": "plateau"}, {}, None),
     "market_context": (TFT, {"market_context": True}, {}, None),
+    "sector_relative": (TFT, {"sector_relative": True}, {}, None),
     "weight_decay_0.01": (TFT, {"weight_decay": 0.01}, {}, None),
     "rank_label": (TFT, {}, {"learn_processors": [{"class": "DropnaLabel"},
                                                   {"class": "CSRankNorm", "kwargs": {"fields_group": "label"}}]}, None),

@@ -55,11 +55,12 @@ def test_per_symbol_mode_swaps_cross_sectional_label_norm(small_workflow, sim_pr
     assert tft["model"]["kwargs"]["metric"] == "ic"
     tft["model"]["kwargs"]["ic_loss_weight"] = 0.5  # the TFT's daily-IC loss term: the pinball loss alone per symbol
     tft["model"]["kwargs"]["market_context"] = True  # the day's mean over one name is that name's own feature
+    tft["model"]["kwargs"]["sector_relative"] = True  # and a name less its sector's mean is 0
     per_symbol_tft = adapt_task(tft, "per_symbol", "ACB")["model"]["kwargs"]
     assert per_symbol_tft["metric"] == "loss" and per_symbol_tft["ic_loss_weight"] == 0.0
-    assert per_symbol_tft["market_context"] is False
+    assert per_symbol_tft["market_context"] is False and per_symbol_tft["sector_relative"] is False
     pooled_tft = adapt_task(tft, "pooled", None)["model"]["kwargs"]
-    assert pooled_tft["ic_loss_weight"] == 0.5 and pooled_tft["market_context"] is True
+    assert pooled_tft["ic_loss_weight"] == 0.5 and pooled_tft["market_context"] is pooled_tft["sector_relative"] is True
     tuned = load_workflow(Path(__file__).parents[1] / "workflows" / "lstm_tuned_vn30.yaml")["task"]
     assert tuned["model"]["kwargs"]["loss"] == "ic"
     assert adapt_task(tuned, "per_symbol", "ACB")["model"]["kwargs"]["loss"] == "mse"

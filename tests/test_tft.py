@@ -21,6 +21,7 @@ from handlers.vn30_alpha158 import LABEL
 from handlers.vn30_tft import horizon_labels
 from vn30_qlib.data.check import init_qlib
 from vn30_qlib.data.holidays import hose_trading_days
+from vn30_qlib.data.sectors import SECTOR
 from vn30_qlib import metrics
 from vn30_qlib.models.tft import TFT, diagnostics
 from vn30_qlib.models.tft.network import TemporalFusionNetwork, TFTBatch, TFTWeights
@@ -30,7 +31,7 @@ from vn30_qlib.models.tft.sub_modules import (
 )
 from vn30_qlib.models.training import _take_rows
 from vn30_qlib.models.tft_inputs import (CALENDAR_FEATURES, calendar_features, static_codes, validate_known_future,
-                                         with_day_means)
+                                         day_means, relative_to_sector)
 from vn30_qlib.workflow_config import load_workflow
 
 # Short segments and a small network keep each fit to seconds; the planted signal is strong enough for that.
@@ -265,9 +266,8 @@ def test_market_context_feeds_each_features_day_mean_as_a_day_level_input(sim_pr
     still recovered."""
     data = dataset(sim_provider(0.1))
     features = data.handler.fetch(col_set="feature", data_key=DataHandlerLP.DK_I)
-    with_means = with_day_means(features)
     day = features.index.get_level_values("datetime")[500]
-    np.testing.assert_allclose(with_means.xs(day, level="datetime")["KSFT_day_mean"],
+    np.testing.assert_allclose(day_means(features).xs(day, level="datetime")["KSFT_day_mean"],
                                features.xs(day, level="datetime")["KSFT"].mean())
     calls, original = [], diagnostics.permutation_importance
 
@@ -283,6 +283,26 @@ def test_market_context_feeds_each_features_day_mean_as_a_day_level_input(sim_pr
     assert calls == [{**dict.fromkeys(features.columns, False), **dict.fromkeys(means, True),
                       **dict.fromkeys(CALENDAR_FEATURES, True)}]
     assert rank_ic(model, data) > 0.05
+
+
+def test_sector_relative_inputs_are_each_feature_less_its_sectors_mean_of_the_day(sim_provider):
+    """``sector_relative``: per-name inputs (shuffled among the day's names), each feature less the mean of the
+    day's names in its sector; 0 for a name alone in its sector."""
+    data = dataset(sim_provider(0.1), segments=SHORT_SEGMENTS)
+    features = data.handler.fetch(col_set="feature", data_key=DataHandlerLP.DK_I)
+    relative = relative_to_sector(features)
+    day = features.index.get_level_values("datetime")[500]
+    today, relative_today = features.xs(day, level="datetime"), relative.xs(day, level="datetime")
+    banks = [name for name in today.index if SECTOR.get(name) == "banking"]
+    assert len(banks) > 5
+    np.testing.assert_allclose(relative_today.loc[banks, "KSFT_vs_sector"],
+                               today.loc[banks, "KSFT"] - today.loc[banks, "KSFT"].mean(), atol=1e-6)
+    assert (relative_today.loc["FPT"] == 0).all()  # the one tech name
+    model = TFT(**{**SMALL, "sector_relative": True, "market_context": True, "n_epochs": 1})
+    model.fit(data)
+    assert model.past_names == (list(features.columns) + [f"{name}_day_mean" for name in features.columns]
+                                + list(relative.columns) + list(CALENDAR_FEATURES))
+    assert model.predict(data).notna().all()
 
 
 def test_tft_finds_nothing_in_pure_noise(sim_provider):

@@ -56,7 +56,8 @@ WRAPPER_MODELS = {"RollingRetrain", "DDGDARetrain"}
 CROSS_SECTIONAL_MODEL_KWARGS = {"metric": (lambda value: value == "ic", "loss"),
                                 "loss": (lambda value: value == "ic", "mse"),
                                 "ic_loss_weight": (lambda value: value > 0, 0.0),
-                                "market_context": (bool, False)}
+                                "market_context": (bool, False),
+                                "sector_relative": (bool, False)}
 # model kwargs that say where and on how many threads a fit ran, not what it fitted: a stored fit that differs from
 # a seed ensemble's member only in these is that member (`stored_member_fits`)
 RUNTIME_KWARGS = ("n_threads", "device", "checkpoint_dir")

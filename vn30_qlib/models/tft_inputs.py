@@ -12,8 +12,9 @@ Days beyond the provider's calendar (the last H days' future) come from the HOSE
 Static inputs are the instrument's identity and its sector (the table in `vn30_qlib.data.sectors`),
 both as embedding indices where 0 means "not in the table".
 
-Market context (`with_day_means`) is a past input of the day, the same for every name: each feature's mean over
-the day's names.
+Market context (`day_means`) is a past input of the day, the same for every name: each feature's mean over
+the day's names. Sector-relative inputs (`relative_to_sector`) are per name: each feature less its sector's
+mean of the day.
 """
 from __future__ import annotations
 
@@ -124,15 +125,30 @@ def static_codes(instruments: Iterable[str]) -> np.ndarray:
 DAY_MEAN_SUFFIX = "_day_mean"
 
 
-def with_day_means(features: pd.DataFrame) -> pd.DataFrame:
-    """``features`` (indexed by datetime and instrument) with each column's mean over the day's names beside it,
-    as ``{name}_day_mean``: the market's state on day t (its return, volatility, volume: an equal-weight view of
+def day_means(features: pd.DataFrame) -> pd.DataFrame:
+    """Each column of ``features`` (indexed by datetime and instrument) averaged over the day's names, on every
+    row of the day, as ``{name}_day_mean``: the market's state on day t (its return, volatility, volume: an equal-weight view of
     the index) from the day's own features, which a name's features alone do not show."""
     means = features.groupby(level="datetime").transform("mean")
     means.columns = [f"{name}{DAY_MEAN_SUFFIX}" for name in features.columns]
-    return pd.concat([features, means], axis=1)
+    return means
 
 
 def is_day_mean(name: str) -> bool:
-    """Is ``name`` a past input of `with_day_means` (a fact of the day, not of a name)?"""
+    """Is ``name`` a past input of `day_means` (a fact of the day, not of a name)?"""
     return name.endswith(DAY_MEAN_SUFFIX)
+
+
+SECTOR_RELATIVE_SUFFIX = "_vs_sector"
+
+
+def relative_to_sector(features: pd.DataFrame) -> pd.DataFrame:
+    """Each column of ``features`` (indexed by datetime and instrument) less its mean over the day's names of the
+    same sector (the table in `vn30_qlib.data.sectors`), as ``{name}_vs_sector``: a bank's move
+    against the other banks. A name alone in its sector that day, or outside the table, gets 0."""
+    instruments = features.index.get_level_values("instrument")
+    sector = pd.Index([SECTOR.get(name, f"?{name}") for name in instruments], name="sector")
+    means = features.groupby([features.index.get_level_values("datetime"), sector]).transform("mean")
+    relative = features - means.to_numpy()
+    relative.columns = [f"{name}{SECTOR_RELATIVE_SUFFIX}" for name in features.columns]
+    return relative

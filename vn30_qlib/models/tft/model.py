@@ -3,7 +3,8 @@
 Inputs per (day t, instrument):
 - static: instrument identity and sector (embedding indices, `tft_inputs.static_codes`);
 - past, days t-L+1..t: the handler's features (processed on day t's information only), with ``market_context``
-  each feature's mean over the day's names (`tft_inputs.with_day_means`), and the calendar facts of those days;
+  each feature's mean over the day's names (`tft_inputs.day_means`), with ``sector_relative`` each feature
+  less its sector's mean (`tft_inputs.relative_to_sector`), and the calendar facts of those days;
 - known future, days t+1..t+H: calendar facts only (`tft_inputs.CALENDAR_FEATURES`; anything else is rejected).
 
 Outputs: for each horizon h = 1..H (the return from close t+h to close t+h+1, the handler's LABEL{h-1}) the
@@ -35,7 +36,7 @@ from vn30_qlib.models.tft.network import TemporalFusionNetwork, TFTBatch, TFTWei
 from vn30_qlib.models.tft.sub_modules import quantile_loss
 from vn30_qlib.models.tft_inputs import (
     CALENDAR_FEATURES, calendar_features, extended_calendar, is_day_mean, static_codes, validate_known_future,
-    with_day_means,
+    day_means, relative_to_sector,
 )
 from vn30_qlib.models.training import LabelledRows, SequenceModel, daily_ic, require_cross_sections, segment_labels
 from vn30_qlib.models.windows import SequenceWindows
@@ -108,8 +109,9 @@ class TFT(SequenceModel):
     ``ic_loss_weight``: above 0, the training loss is the pinball loss minus this weight times the mean daily IC
     (`daily_ic`, within each batch's days) of the horizon-1 median: a ranking term for the score Qlib uses, beside
     the quantiles; batches are then whole days, run unchunked (0: the pinball loss alone).
-    ``market_context``: also feed each feature's mean over the day's names as a past input (`with_day_means`),
-    the market's state beside the name's own.
+    ``market_context``: also feed each feature's mean over the day's names as a past input (`day_means`),
+    the market's state beside the name's own. ``sector_relative``: also feed each feature less its mean over the
+    day's names of the same sector (`relative_to_sector`).
     """
 
     checkpoint_name = "tft.pt"
@@ -134,6 +136,7 @@ class TFT(SequenceModel):
         importance_repeats: int = 1,
         ic_loss_weight: float = 0.0,
         market_context: bool = False,
+        sector_relative: bool = False,
         **loop_options,
     ):
         quantiles = [float(q) for q in quantiles]
@@ -151,6 +154,7 @@ class TFT(SequenceModel):
         self.attention_hidden_size, self.num_heads, self.dropout = attention_hidden_size, num_heads, dropout
         self.quantiles, self.average_best, self.importance_repeats = quantiles, average_best, importance_repeats
         self.ic_loss_weight, self.market_context = float(ic_loss_weight), bool(market_context)
+        self.sector_relative = bool(sector_relative)
         self.horizons, self.step_len, self.known_future = horizons, step_len, validate_known_future(known_future)
         self.past_names: list[str] = []
         self.calendar_mean: pd.Series | None = None
@@ -281,8 +285,10 @@ class TFT(SequenceModel):
     def _panel(self, dataset: DatasetH) -> _Panel:
         calendar = (self._raw_calendar() - self.calendar_mean) / self.calendar_std
         features = dataset.handler.fetch(col_set="feature", data_key=DataHandlerLP.DK_I)
-        if self.market_context:
-            features = with_day_means(features)
+        added = ([day_means(features)] if self.market_context else []) + \
+            ([relative_to_sector(features)] if self.sector_relative else [])
+        if added:
+            features = pd.concat([features, *added], axis=1)
         return _Panel(features, calendar.astype("float32"), self.horizons, self.step_len)
 
     def _labels(self, dataset: DatasetH, segment: str) -> pd.DataFrame:
