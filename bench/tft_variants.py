@@ -104,10 +104,11 @@ def epochs_per_fit(out_dir: Path) -> list[int]:
     return counts
 
 
-def score_one(name: str, provider: str, out: Path, seeds: list[int], folds: int, valid_days: int) -> None:
+def score_one(name: str, provider: str, out: Path, seeds: list[int], folds: int, valid_days: int,
+              skip_last: int = 0) -> None:
     workflow = variant_workflow(name, provider, out)
     started = time.perf_counter()
-    score = harness_score(workflow, provider, out / name, seeds, folds, valid_days)
+    score = harness_score(workflow, provider, out / name, seeds, folds, valid_days, skip_last)
     seconds = time.perf_counter() - started
     epochs = epochs_per_fit(out / name)
     daily, predictions = score.pop("daily"), score.pop("predictions")
@@ -178,13 +179,15 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="model seeds (default: %(default)s)")
     parser.add_argument("--folds", type=int, default=4, help="walk-forward folds (default: %(default)s)")
     parser.add_argument("--valid-days", type=int, default=120, help="days per validation block (default: %(default)s)")
+    parser.add_argument("--skip-last", type=int, default=0,
+                        help="score all but the last N folds, into another --out (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=1, help="variants scored at once (default: %(default)s)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a worker process: score this variant only
     args = parser.parse_args()
     out = Path(args.out).expanduser().resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.one:
-        score_one(args.one, args.provider, out, seeds, args.folds, args.valid_days)
+        score_one(args.one, args.provider, out, seeds, args.folds, args.valid_days, args.skip_last)
         return
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -200,7 +203,8 @@ def main() -> None:
             log = (out / f"{name}.log")
             log.parent.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, __file__, "--one", name, "--provider", args.provider, "--out", str(out),
-                       "--seeds", args.seeds, "--folds", str(args.folds), "--valid-days", str(args.valid_days)]
+                       "--seeds", args.seeds, "--folds", str(args.folds), "--valid-days", str(args.valid_days),
+                       "--skip-last", str(args.skip_last)]
             running.append((name, subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)))
             print(f"{time.strftime('%H:%M:%S')} started {name} (log {log})", flush=True)
         time.sleep(5)

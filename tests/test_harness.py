@@ -37,11 +37,30 @@ def test_the_harness_ranks_a_learner_above_a_constant_on_train_and_valid_days_on
     assert f"Rank IC {good['rank_ic_mean']:.4f} ± {good['rank_ic_se']:.4f}" in printed
 
 
-def test_bad_seeds_are_exit_2(tmp_path, capsys):
+def test_bad_seeds_or_skipped_folds_are_exit_2(tmp_path, capsys):
     for seeds in ("0,0", "a,b", ""):
         assert main(["harness", "w.yaml", "--seeds", seeds, "--out", str(tmp_path / "h")]) == 2
         assert "--seeds must be distinct integers" in capsys.readouterr().err
+    for skip in ("4", "-1"):
+        assert main(["harness", "w.yaml", "--folds", "4", "--skip-last", skip, "--out", str(tmp_path / "h")]) == 2
+        assert f"--skip-last must be at least 0 and leave some of the 4 folds to score, got {skip}" in \
+            capsys.readouterr().err
     assert not (tmp_path / "h").exists()
+
+
+def test_skip_last_scores_the_folds_before_the_last_ones(sim_provider, tmp_path):
+    """``--folds 3 --skip-last 1`` fits and scores the first two of the three folds, and nothing after them."""
+    from vn30_qlib.cv import folds_for
+    from vn30_qlib.harness import harness_score
+
+    workflow = small_lgb_workflow(tmp_path / "wf", rounds=5)
+    score = harness_score(workflow, sim_provider(0.1), tmp_path / "harness", seeds=[0], n_folds=3, valid_days=60,
+                          skip_last=1)
+    _, folds = folds_for(workflow, sim_provider(0.1), 3, 60)
+    assert [fold["valid"] for fold in score["folds"]] == [f"{f.valid[0]:%Y-%m-%d}..{f.valid[1]:%Y-%m-%d}"
+                                                         for f in folds[:2]]
+    days = score["predictions"].index.get_level_values("datetime")
+    assert score["days"] == 120 and days.max() <= folds[1].valid[1] < folds[2].valid[0]
 
 
 def test_the_harness_keeps_the_predictions_its_score_is_made_of(sim_provider, tmp_path):

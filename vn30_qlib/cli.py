@@ -101,7 +101,11 @@ def _harness(args: argparse.Namespace) -> int:
     if not seeds or len(set(seeds)) != len(seeds):
         print(f"error: --seeds must be distinct integers separated by commas, got {args.seeds!r}", file=sys.stderr)
         return 2
-    scores = [harness_score(workflow, args.provider, args.out, seeds, args.folds, args.valid_days)
+    if not 0 <= args.skip_last < args.folds:
+        print(f"error: --skip-last must be at least 0 and leave some of the {args.folds} folds to score, got "
+              f"{args.skip_last}", file=sys.stderr)
+        return 2
+    scores = [harness_score(workflow, args.provider, args.out, seeds, args.folds, args.valid_days, args.skip_last)
               for workflow in args.workflows]
     for score in scores:
         se = "n/a" if score["rank_ic_se"] is None else f"{score['rank_ic_se']:.4f}"
@@ -261,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=positive_int(), default=4, help="walk-forward folds (default: %(default)s)")
     p.add_argument("--valid-days", type=positive_int("trading days"), default=120,
                    help="trading days of each fold's validation block (default: %(default)s)")
+    p.add_argument("--skip-last", type=int, default=0,
+                   help="fit and score all but the last N folds: with --folds 8 --skip-last 4, the 4 folds before "
+                        "those a choice was made on (default: %(default)s)")
     p.set_defaults(handler=_harness)
 
     p = commands.add_parser("predict", help="the next trading day's ranked signal and target orders from the stored "

@@ -9,6 +9,9 @@ by the paired difference of their daily series, and called level unless its t-st
 `vn30_qlib.report.BEATS_T` in size.
 
     vn30-qlib harness workflows/lgb_vn30.yaml workflows/tft_vn30.yaml --provider P --seeds 0,1,2
+
+A choice made on the harness's folds has looked at them; ``--folds 8 --skip-last 4`` scores the 4 folds before
+them (the same fold length), a period the choice never saw.
 """
 from __future__ import annotations
 
@@ -23,15 +26,18 @@ from vn30_qlib.metrics import paired_difference, standard_error
 
 
 def harness_score(workflow: str | Path, provider: str | Path, out_dir: str | Path, seeds: Sequence[int] = (0, 1, 2),
-                  n_folds: int = 4, valid_days: int = 120) -> dict:
+                  n_folds: int = 4, valid_days: int = 120, skip_last: int = 0) -> dict:
     """The workflow's score: ``rank_ic_mean`` ± ``rank_ic_se`` of the seed-averaged daily Rank IC over every
     fold's validation days, ``seed_sd`` (the spread of the seeds' own means), the folds' means, ``daily`` (the
     series itself) and ``predictions`` (every seed's validation scores and raw labels, indexed by seed and fold
     besides day and name: ensembles of fitted workflows are scored from them without refitting). Every fold fit
-    is a recorder run in ``{out_dir}/mlruns.db`` (experiment ``vn30_cv``)."""
+    is a recorder run in ``{out_dir}/mlruns.db`` (experiment ``vn30_cv``). ``skip_last``: of the ``n_folds``
+    walk-forward folds, the last ``skip_last`` are neither fitted nor scored."""
     from vn30_qlib.cv import folds_for
     from vn30_qlib.loop import create_tracking_store, init_qlib_for, require_inputs, sqlite_tracking_uri
 
+    if not 0 <= skip_last < n_folds:
+        raise ValueError(f"skip_last must be at least 0 and below the {n_folds} folds, got {skip_last}")
     require_inputs([workflow], provider)
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,6 +45,7 @@ def harness_score(workflow: str | Path, provider: str | Path, out_dir: str | Pat
     create_tracking_store(tracking_uri)
     init_qlib_for(provider, tracking_uri)
     task, folds = folds_for(workflow, provider, n_folds, valid_days)
+    folds = folds[:n_folds - skip_last]
     by_seed = seeded_folds(task, folds, seeds, tracking_uri, Path(workflow).stem, dataset_cache={})
     daily = seed_averaged(by_seed)
     seed_means = [float(pd.concat(result["daily_rank_ic"]).mean()) for result in by_seed.values()]
