@@ -60,7 +60,8 @@ def test_per_symbol_mode_swaps_cross_sectional_label_norm(small_workflow, sim_pr
     assert per_symbol_tft["metric"] == "loss" and per_symbol_tft["ic_loss_weight"] == 0.0
     assert per_symbol_tft["market_context"] is False and per_symbol_tft["sector_relative"] is False
     pooled_tft = adapt_task(tft, "pooled", None)["model"]["kwargs"]
-    assert pooled_tft["ic_loss_weight"] == 0.5 and pooled_tft["market_context"] is pooled_tft["sector_relative"] is True
+    assert pooled_tft["ic_loss_weight"] == 0.5
+    assert pooled_tft["market_context"] is True and pooled_tft["sector_relative"] is True
     tuned = load_workflow(Path(__file__).parents[1] / "workflows" / "lstm_tuned_vn30.yaml")["task"]
     assert tuned["model"]["kwargs"]["loss"] == "ic"
     assert adapt_task(tuned, "per_symbol", "ACB")["model"]["kwargs"]["loss"] == "mse"

@@ -127,8 +127,8 @@ DAY_MEAN_SUFFIX = "_day_mean"
 
 def day_means(features: pd.DataFrame) -> pd.DataFrame:
     """Each column of ``features`` (indexed by datetime and instrument) averaged over the day's names, on every
-    row of the day, as ``{name}_day_mean``: the market's state on day t (its return, volatility, volume: an equal-weight view of
-    the index) from the day's own features, which a name's features alone do not show."""
+    row of the day, as ``{name}_day_mean``: the market's state on day t (its return, volatility, volume: an
+    equal-weight view of the index) from the day's own features, which a name's features alone do not show."""
     means = features.groupby(level="datetime").transform("mean")
     means.columns = [f"{name}{DAY_MEAN_SUFFIX}" for name in features.columns]
     return means

@@ -321,8 +321,8 @@ class LoopConfig:
     lr_schedule: str | None = None  # "plateau": halve the learning rate after 2 epochs without a better valid metric
 
     def __post_init__(self) -> None:
-        if self.ema_decay is not None and (isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float))
-                                       or not 0 < self.ema_decay < 1):
+        decay = self.ema_decay
+        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1):
             raise ValueError(f"ema_decay must be None or a number inside (0, 1), got {self.ema_decay!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
