@@ -66,6 +66,7 @@ VARIANTS: dict[str, tuple[str, dict, dict, dict | None]] = {
 ENSEMBLES: dict[str, list[str]] = {
     "tft_seed_ensemble": ["default"],
     "ic_loss_seed_ensemble": ["ic_loss_0.5"],
+    "market_context_seed_ensemble": ["market_context"],
     "lgb_lstm_tft": ["lgb", "lstm", "default"],
 }
 
