@@ -38,8 +38,6 @@ from typing import Iterable, Sequence
 
 import filelock
 import pandas as pd
-from qlib.workflow.exp import MLflowExperiment
-from qlib.workflow.expm import MLflowExpManager
 
 from vn30_qlib import store
 from vn30_qlib.data.provider import read_instruments
@@ -459,17 +457,10 @@ def create_tracking_store(tracking_uri: str, experiment: str = EXPERIMENT) -> st
         return client.create_experiment(experiment, artifact_location=artifacts)
 
 
-class FolderExpManager(MLflowExpManager):
-    """Qlib's mlflow experiment manager whose new experiments keep their artifacts beside their sqlite database
-    (`create_tracking_store`), not in the ``./mlruns`` of whatever folder the process started in."""
-
-    def create_exp(self, experiment_name: str | None = None) -> MLflowExperiment:
-        return MLflowExperiment(create_tracking_store(self.uri, experiment_name), experiment_name, self.uri)
-
-
 def folder_exp_manager(tracking_uri: str, default_experiment: str) -> dict:
-    """The ``exp_manager`` of ``qlib.init`` for a `FolderExpManager` on ``tracking_uri``."""
-    return {"class": "FolderExpManager", "module_path": "vn30_qlib.loop",
+    """The ``exp_manager`` of ``qlib.init`` for a `vn30_qlib.exp_manager.FolderExpManager` on ``tracking_uri``:
+    new experiments keep their artifacts beside the database (`create_tracking_store`)."""
+    return {"class": "FolderExpManager", "module_path": "vn30_qlib.exp_manager",
             "kwargs": {"uri": tracking_uri, "default_exp_name": default_experiment}}
 
 

@@ -91,7 +91,8 @@ def in_private_recorder(function: Callable[[], Result]) -> Result:
     """``function()`` run in a thread of its own while Qlib's recorder writes to a new mlflow store in a temporary
     folder, removed after it; the caller's recorder, its active run, Qlib's default URI and mlflow's tracking URI
     are as before when it returns or raises."""
-    from vn30_qlib.loop import FolderExpManager, sqlite_tracking_uri
+    from vn30_qlib.exp_manager import FolderExpManager
+    from vn30_qlib.loop import sqlite_tracking_uri
 
     outcome: dict = {}
 

@@ -35,8 +35,8 @@ from vn30_qlib.models.tft import diagnostics
 from vn30_qlib.models.tft.network import TemporalFusionNetwork, TFTBatch, TFTWeights
 from vn30_qlib.models.tft.sub_modules import quantile_loss
 from vn30_qlib.models.tft_inputs import (
-    CALENDAR_FEATURES, calendar_features, extended_calendar, is_day_mean, static_codes, validate_known_future,
-    day_means, relative_to_sector,
+    CALENDAR_FEATURES, calendar_features, day_means, extended_calendar, is_day_mean, relative_to_sector, static_codes,
+    validate_known_future,
 )
 from vn30_qlib.models.training import LabelledRows, SequenceModel, daily_ic, require_cross_sections, segment_labels
 from vn30_qlib.models.windows import SequenceWindows
