@@ -8,7 +8,8 @@ compared with the shipped TFT and with LightGBM by the paired difference of thei
 Each variant runs in its own process with one thread (``--jobs`` at once) and leaves ``{out}/{variant}/score.json``,
 ``daily.csv`` and ``predictions.parquet``; a variant already scored there is not refitted, so an interrupted run
 resumes. The table (``{out}/variants.md``) gives each variant's mean ± se, the seeds' sd, the folds' means, the
-paired differences from ``default`` and from ``lgb`` with their t, and the cost: harness wall seconds per trained
+paired differences from ``default`` and from ``lgb`` with their t (a variant scored on fewer seeds, a screen such as
+``--seeds 0`` for a costly variant, is paired with them on its own seeds), and the cost: harness wall seconds per trained
 epoch (data loading, validation and prediction included) and epochs per fit; then the ensembles (`ENSEMBLES`)
 scored from the variants' kept validation predictions, without refitting. Adoption rule (issue 22): a variant replaces the default only when its
 paired difference is above one standard error (t > 1).
@@ -138,25 +139,42 @@ def ensemble_daily(out: Path, members: list[str]) -> pd.Series | None:
     return pd.concat(per_seed, axis=1).mean(axis=1)
 
 
+def daily_on_seeds(out: Path, name: str, seeds: list[int]) -> pd.Series:
+    """A scored variant's harness series as if it had been scored on ``seeds`` only (a subset of its own), from
+    its kept predictions: each seed's daily Rank IC, averaged over the seeds by day (`seed_averaged`)."""
+    frame = pd.read_parquet(out / name / "predictions.parquet").droplevel("fold")
+    return pd.concat({seed: daily_rank_ic(frame.loc[seed, "score"], frame.loc[seed, "label"]) for seed in seeds},
+                     axis=1).mean(axis=1)
+
+
 def table(out: Path, names: list[str]) -> str:
+    """Markdown: one row per scored variant, then the `ENSEMBLES`. A variant scored on fewer seeds (a screen) is
+    paired with ``default`` and ``lgb`` on its own seeds (`daily_on_seeds`)."""
     scored = [n for n in names if (out / n / "score.json").is_file()]
     daily = {n: pd.read_csv(out / n / "daily.csv", index_col=0, parse_dates=True).iloc[:, 0] for n in scored}
-    lines = ["| variant | harness Rank IC (mean ± se) | seeds' sd | folds' means | minus default (t) | minus lgb (t) "
-             "| s per epoch | epochs per fit |", "|---|---|---|---|---|---|---|---|"]
+    scores = {n: json.loads((out / n / "score.json").read_text()) for n in scored}
+    lines = ["| variant | seeds | harness Rank IC (mean ± se) | seeds' sd | folds' means | minus default (t) "
+             "| minus lgb (t) | s per epoch | epochs per fit |", "|---|---|---|---|---|---|---|---|---|"]
 
-    def versus(name: str) -> str:
+    def versus(name: str, seeds: list[int] | None) -> str:
         cells = []
         for against in ("default", "lgb"):
-            pair = paired_difference(daily[name], daily[against]) if name != against and against in daily else None
+            pair = None
+            if name != against and against in daily:
+                reference = (daily[against] if seeds is None or seeds == scores[against]["seeds"]
+                             else daily_on_seeds(out, against, seeds))
+                pair = paired_difference(daily[name], reference)
             cells.append(f"{pair['mean']:+.4f} ({pair['t']:+.2f})" if pair else "–")
         return " | ".join(cells)
 
     for name in scored:
-        score = json.loads((out / name / "score.json").read_text())
+        score = scores[name]
         epochs = score["epochs"]
+        seed_sd = "–" if score["seed_sd"] is None else f"{score['seed_sd']:.4f}"
         lines.append(
-            f"| {name} | {score['rank_ic_mean']:.4f} ± {score['rank_ic_se']:.4f} | {score['seed_sd']:.4f} | "
-            + ", ".join(f"{f['rank_ic']:.3f}" for f in score["folds"]) + f" | {versus(name)} | "
+            f"| {name} | {','.join(map(str, score['seeds']))} | {score['rank_ic_mean']:.4f} ± "
+            f"{score['rank_ic_se']:.4f} | {seed_sd} | "
+            + ", ".join(f"{f['rank_ic']:.3f}" for f in score["folds"]) + f" | {versus(name, score['seeds'])} | "
             + (f"{score['seconds_per_epoch']:.1f} | {sum(epochs) / len(epochs):.1f}" if epochs else
                f"– ({score['seconds']:.0f} s in all) | –") + " |")
     for name, members in ENSEMBLES.items():
@@ -164,10 +182,12 @@ def table(out: Path, names: list[str]) -> str:
         if series is None:
             continue
         daily[name] = series
-        folds = json.loads((out / members[0] / "score.json").read_text())["folds"]
+        first = json.loads((out / members[0] / "score.json").read_text())
+        folds = first["folds"]
         fold_means = [series.loc[slice(*f["valid"].split(".."))].mean() for f in folds]
-        lines.append(f"| {name} (from the kept predictions) | {series.mean():.4f} ± {standard_error(series):.4f} | "
-                     f"– | {', '.join(f'{m:.3f}' for m in fold_means)} | {versus(name)} | – | – |")
+        lines.append(f"| {name} (from the kept predictions) | {','.join(map(str, first['seeds']))} | "
+                     f"{series.mean():.4f} ± {standard_error(series):.4f} | – | "
+                     f"{', '.join(f'{m:.3f}' for m in fold_means)} | {versus(name, None)} | – | – |")
     return "\n".join(lines)
 
 
