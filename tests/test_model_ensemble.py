@@ -194,6 +194,8 @@ def test_the_workflow_members_are_the_single_model_workflows():
         assert (own["class"], own["module_path"]) == (handler["class"], handler["module_path"]), name
         for key, value in own["kwargs"].items():
             assert handler["kwargs"][key] == value, (name, key)
+        # the label each member learns (e.g. the TFT's daily rank) is its single workflow's
+        assert own["kwargs"].get("learn_processors") == handler["kwargs"].get("learn_processors"), name
         for key in ("instruments", "start_time", "end_time"):  # what the members take from the workflow's handler
             assert handler["kwargs"][key] == base_handler[key], (name, key)
 
