@@ -292,8 +292,14 @@ def test_ddgda_runs_end_to_end_and_writes_its_recorder(drifting, tmp_path, track
     assert ours.index.equals(qlibs.index)
     np.testing.assert_allclose(ours.to_numpy(), qlibs.to_numpy(), rtol=0, atol=1e-12)
     write_model(model, tmp_path / "model")
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["window0", "window1", "windows.json"]
-    np.testing.assert_array_equal(read_model(config, tmp_path / "model").predict(dataset).to_numpy(), ours.to_numpy())
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["time_weights.csv", "window0", "window1",
+                                                                      "windows.json"]
+    restored = read_model(config, tmp_path / "model")
+    np.testing.assert_array_equal(restored.predict(dataset).to_numpy(), ours.to_numpy())
+    assert len(restored.time_weights) == len(model.time_weights)
+    for kept, fitted in zip(restored.time_weights, model.time_weights):
+        assert [(pd.Timestamp(start), pd.Timestamp(end)) for start, end in fitted.index] == list(kept.index)
+        np.testing.assert_allclose(kept.to_numpy(), fitted.to_numpy(dtype=float), rtol=1e-15)
 
 
 def exit_code(argv: list[str]) -> int:
@@ -450,6 +456,33 @@ def test_a_ddgda_model_refuses_what_ddgda_cannot_fit_naming_it(kwargs, message):
 
     with pytest.raises((ValueError, TypeError), match=message):
         DDGDARetrain(**{"model": {"class": "LGBModel", "module_path": "vn30_qlib.models.lgb"}, **kwargs})
+
+
+def test_qlibs_ddgda_refuses_a_model_without_reweighter_before_building_its_handler():
+    from vn30_qlib.rolling.bridge import RollingError
+    from vn30_qlib.rolling.ddgda import VN30DDGDA
+
+    unbuildable = {"class": "NoSuchHandler", "module_path": "no_such_module"}  # building it would raise otherwise
+    workflow = {"task": {"model": {"class": "LSTM", "module_path": "vn30_qlib.models.lstm"},
+                         "dataset": {"class": "DatasetH", "module_path": "qlib.data.dataset",
+                                     "kwargs": {"handler": unbuildable, "segments": {}}}}}
+    with pytest.raises(RollingError, match="LSTM.fit takes no reweighter: use --method rr"):
+        VN30DDGDA(workflow, None, step=20)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("window,start,end\n0,2020-01-02,2020-03-31\n", "must hold columns"),
+    ("window,start,end,weight\n0,2020-01-02,2020-03-31,0.5\n", "rows for windows 0 to 1"),
+    ("window,start,end,weight\n0,2020-13-45,2020-03-31,0.5\n", "damaged, cannot be read as CSV"),
+])
+def test_a_damaged_ddgda_time_weights_file_is_refused_naming_it(text, message, tmp_path):
+    from vn30_qlib.model_files import _read_time_weights
+    from vn30_qlib.store import StoreError
+
+    path = tmp_path / "time_weights.csv"
+    path.write_text(text)
+    with pytest.raises(StoreError, match=f"{path}: .*{message}"):
+        _read_time_weights(path, windows=2)
 
 
 def test_a_rolled_lstm_is_stored_as_state_dicts_per_window_and_predicts_the_same(drifting, tmp_path, tracking_uri):

@@ -7,7 +7,9 @@
 - `ModelEnsemble`: one such folder per member it kept, ``{name}/``, and ``ensemble.json`` naming them with every
   member's valid Rank IC.
 - `OneDayReversal`: an empty folder (it fits nothing).
-- `RollingRetrain`: one such folder per window, ``window{k}/``, and ``windows.json`` with each window's test dates.
+- `RollingRetrain`: one such folder per window, ``window{k}/``, and ``windows.json`` with each window's test dates;
+  a `DDGDARetrain` also ``time_weights.csv``: each window's DDG-DA weight per training period (``window, start, end,
+  weight``; versions stored before 2026-12-05 hold none, and their ``time_weights`` read back empty).
 
 Reading builds the model from its stored config (Qlib's ``init_instance_by_config``) and sets the fitted state
 back. Any other model class is refused when writing: there is no pickle fallback.
@@ -24,6 +26,7 @@ import torch
 from qlib.contrib.model.gbdt import LGBModel
 from qlib.utils import init_instance_by_config
 
+from vn30_qlib.models.ddgda_retrain import DDGDARetrain
 from vn30_qlib.models.lstm import LSTM
 from vn30_qlib.models.model_ensemble import ModelEnsemble
 from vn30_qlib.models.reversal import OneDayReversal
@@ -36,6 +39,8 @@ SUPPORTED = ("LightGBM's LGBModel, vn30_qlib's LSTM, TFT and OneDayReversal, and
              "RollingRetrains of these")
 WINDOWS_FILE = "windows.json"
 ENSEMBLE_FILE = "ensemble.json"
+TIME_WEIGHTS_FILE = "time_weights.csv"
+TIME_WEIGHTS_COLUMNS = ["window", "start", "end", "weight"]
 
 
 def write_model(model: Any, folder: Path) -> None:
@@ -57,6 +62,8 @@ def write_model(model: Any, folder: Path) -> None:
             write_model(member, folder / f"window{number}")
         (folder / WINDOWS_FILE).write_text(json.dumps([[f"{start:%Y-%m-%d}", f"{end:%Y-%m-%d}"]
                                                        for start, end in model.windows]))
+        if isinstance(model, DDGDARetrain):
+            _time_weights_table(model.time_weights).to_csv(folder / TIME_WEIGHTS_FILE, index=False)
     elif isinstance(model, LGBModel):
         (folder / "model.txt").write_text(model.model.model_to_string())
     elif isinstance(model, (LSTM, TFT)):
@@ -105,6 +112,8 @@ def _restore(model: Any, folder: Path) -> Any:
             raise StoreError(f"{folder / WINDOWS_FILE}: a window's dates do not parse ({error})") from None
         model.members = [_restore(init_instance_by_config(model.model), folder / f"window{number}")
                          for number in range(len(windows))]
+        if isinstance(model, DDGDARetrain) and (folder / TIME_WEIGHTS_FILE).is_file():
+            model.time_weights = _read_time_weights(folder / TIME_WEIGHTS_FILE, len(windows))
     elif isinstance(model, OneDayReversal):
         pass  # nothing fitted
     elif isinstance(model, (LSTM, TFT)):
@@ -120,6 +129,28 @@ def _restore(model: Any, folder: Path) -> Any:
         raise StoreError(f"{folder.parent / 'config.yaml'}: builds a {type(model).__name__}, not one of the models "
                          f"the store keeps ({SUPPORTED})")
     return model
+
+
+def _time_weights_table(time_weights: list[pd.Series]) -> pd.DataFrame:
+    """One row per window and training period: DDG-DA's weights indexed by the periods' (start, end) dates."""
+    rows = [(number, pd.Timestamp(start), pd.Timestamp(end), float(weight))
+            for number, weights in enumerate(time_weights) for (start, end), weight in weights.items()]
+    return pd.DataFrame(rows, columns=TIME_WEIGHTS_COLUMNS)
+
+
+def _read_time_weights(path: Path, windows: int) -> list[pd.Series]:
+    def parse(file: Path) -> pd.DataFrame:
+        table = pd.read_csv(file)
+        if list(table.columns) == TIME_WEIGHTS_COLUMNS:
+            for column in ("start", "end"):
+                table[column] = pd.to_datetime(table[column], format="ISO8601")
+        return table
+
+    table = read_file(path, parse, "CSV")
+    if list(table.columns) != TIME_WEIGHTS_COLUMNS or sorted(table["window"].unique()) != list(range(windows)):
+        raise StoreError(f"{path}: must hold columns {TIME_WEIGHTS_COLUMNS} and rows for windows 0 to {windows - 1}, "
+                         f"got columns {list(table.columns)} and windows {sorted(table['window'].unique())[:20]}")
+    return [group.set_index(["start", "end"])["weight"] for _, group in table.groupby("window", sort=True)]
 
 
 def _lstm_state(model: LSTM) -> tuple[dict[str, torch.Tensor], dict]:

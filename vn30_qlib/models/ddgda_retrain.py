@@ -28,7 +28,7 @@ class DDGDARetrain(RollingRetrain):
 
     ``hist_step_n``, ``alpha``, ``max_epoch``, ``fea_imp_n``: `VN30DDGDA`'s. The meta-model's seed is the
     member's ``seed`` (the loop's ``--seeds`` reach both), Qlib's 43 when it has none. ``time_weights`` after
-    ``fit``: each window's weight per training period.
+    ``fit`` (and read back from the store): each window's weight per training period, indexed by its (start, end).
     """
 
     def __init__(self, model: dict, step: int = 20, train_window: int | None = None, hist_step_n: int = 30,

@@ -101,6 +101,7 @@ class VN30Rolling(Rolling):
         in_memory = isinstance(workflow, dict)
         self.workflow_config = (deepcopy(workflow) if in_memory
                                 else load_workflow(workflow, {"VN30_PROVIDER": str(provider)}))
+        self.check_workflow(step)
         if handler is not None:
             self.shared_handler = handler
         self.train_window = train_window
@@ -113,6 +114,9 @@ class VN30Rolling(Rolling):
                          exp_name=exp_name or f"{name}_{self.method}", horizon=reach, step=step, **kwargs)
         self.rolling_exp = f"{self.exp_name}_tasks_{pd.Timestamp.now():%Y%m%d%H%M%S}_{uuid.uuid4().hex[:6]}"
         self.logger = get_module_logger("VN30Rolling")
+
+    def check_workflow(self, step: int) -> None:
+        """Refuse a workflow this method cannot roll, before its handler is built: any model rolls here."""
 
     def _raw_conf(self) -> dict:
         return deepcopy(self.workflow_config)

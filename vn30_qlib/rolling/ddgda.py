@@ -65,7 +65,6 @@ from qlib.workflow import QlibRecorder, R
 
 from vn30_qlib.metrics import NO_SPREAD, daily_rank_ic
 from vn30_qlib.rolling.bridge import RollingError, VN30Rolling
-from vn30_qlib.workflow_config import load_workflow
 
 Result = TypeVar("Result")
 
@@ -147,8 +146,6 @@ class VN30DDGDA(DDGDA, VN30Rolling):
                  train_window: int | None = None, exp_name: str | None = None, hist_step_n: int = 30,
                  meta_1st_train_end: str | None = None, alpha: float = 0.01, max_epoch: int = 30,
                  fea_imp_n: int | None = 30, seed: int = 43, handler: DataHandlerLP | None = None):
-        config = workflow if isinstance(workflow, dict) else load_workflow(workflow, {"VN30_PROVIDER": str(provider)})
-        check_ddgda_input(config["task"]["model"], step)
         self.working_folder = tempfile.TemporaryDirectory(prefix="vn30_ddgda_")
         super().__init__(workflow=workflow, provider=provider, step=step, train_window=train_window,
                          exp_name=exp_name, sim_task_model="linear", alpha=alpha, loss_skip_thresh=LOSS_SKIP_THRESH,
@@ -164,6 +161,10 @@ class VN30DDGDA(DDGDA, VN30Rolling):
             if first >= len(self.calendar):
                 raise RollingError(f"{hist_step_n} steps of {step} days of history exceed the provider's calendar")
             self.meta_1st_train_end = f"{self.calendar[first]:%Y-%m-%d}"
+
+    def check_workflow(self, step: int) -> None:
+        """`check_ddgda_input` on the rendered workflow's model."""
+        check_ddgda_input(self.workflow_config["task"]["model"], step)
 
     def basic_task(self, enable_handler_cache: bool | None = True) -> dict:
         """The workflow's task on the shared handler, with or without Qlib's handler cache (see the module
