@@ -247,6 +247,8 @@ def test_seeds_reach_models_and_ensembles_and_per_symbol_kwargs_apply_per_symbol
     assert ensemble["model"]["kwargs"]["seeds"] == [0, 1, 2]
     single_tft = load_workflow(workflows / "tft_vn30.yaml")["task"]
     assert ensemble["dataset"]["kwargs"]["handler"] == single_tft["dataset"]["kwargs"]["handler"]
+    assert ensemble["model"]["kwargs"]["model"]["kwargs"] == {key: value for key, value in
+                                                           single_tft["model"]["kwargs"].items() if key != "seed"}
     assert adapt_task(ensemble, "pooled", None, seed=0)["model"]["kwargs"]["seeds"] == [0, 1, 2]
     assert adapt_task(ensemble, "pooled", None, seed=2)["model"]["kwargs"]["seeds"] == [6, 7, 8]
     # per-symbol mode reaches the TFT nested in the ensemble: its daily-IC stopping needs cross-sections
