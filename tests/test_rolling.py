@@ -472,6 +472,8 @@ def test_qlibs_ddgda_refuses_a_model_without_reweighter_before_building_its_hand
 
 @pytest.mark.parametrize("text, message", [
     ("window,start,end\n0,2020-01-02,2020-03-31\n", "must hold columns"),
+    ("period,start,end,weight\n0,2020-01-02,2020-03-31,0.5\n", "must hold columns"),
+    ("window,start,end,weight\n0,2020-01-02,2020-03-31,heavy\n", "damaged, cannot be read as CSV"),
     ("window,start,end,weight\n0,2020-01-02,2020-03-31,0.5\n", "rows for windows 0 to 1"),
     ("window,start,end,weight\n0,2020-13-45,2020-03-31,0.5\n", "damaged, cannot be read as CSV"),
 ])

@@ -144,12 +144,14 @@ def _read_time_weights(path: Path, windows: int) -> list[pd.Series]:
         if list(table.columns) == TIME_WEIGHTS_COLUMNS:
             for column in ("start", "end"):
                 table[column] = pd.to_datetime(table[column], format="ISO8601")
+            table["weight"] = pd.to_numeric(table["weight"])
         return table
 
     table = read_file(path, parse, "CSV")
-    if list(table.columns) != TIME_WEIGHTS_COLUMNS or sorted(table["window"].unique()) != list(range(windows)):
+    found = sorted(table["window"].unique()) if "window" in table.columns else []
+    if list(table.columns) != TIME_WEIGHTS_COLUMNS or found != list(range(windows)):
         raise StoreError(f"{path}: must hold columns {TIME_WEIGHTS_COLUMNS} and rows for windows 0 to {windows - 1}, "
-                         f"got columns {list(table.columns)} and windows {sorted(table['window'].unique())[:20]}")
+                         f"got columns {list(table.columns)} and windows {found[:20]}")
     return [group.set_index(["start", "end"])["weight"] for _, group in table.groupby("window", sort=True)]
 
 
