@@ -53,6 +53,7 @@ VARIANTS: dict[str, tuple[str, dict, dict, dict | None]] = {
     "all_158": (TFT, {}, {"features": None}, None),
     "ic_loss_0.5": (TFT, {"ic_loss_weight": 0.5}, {}, None),
     "weekday_calendar": (TFT, {"known_future": ["day_of_week"]}, {}, None),
+    "no_calendar": (TFT, {"known_future": []}, {}, None),
     "ema_0.99": (TFT, {"ema_decay": 0.99, "average_best": 1}, {}, None),
     "lr_plateau": (TFT, {"lr_schedule": "plateau"}, {}, None),
     "market_context": (TFT, {"market_context": True}, {}, None),

@@ -26,9 +26,10 @@ from vn30_qlib import metrics
 from vn30_qlib.models.tft import TFT, diagnostics
 from vn30_qlib.models.tft.network import TemporalFusionNetwork, TFTBatch, TFTWeights
 from vn30_qlib.models.tft.sub_modules import (
-    GatedLinearUnit, GatedResidualNetwork, InterpretableMultiHeadAttention, LSTMEncoderDecoder, QuantileOutput,
-    StaticCovariateEncoder, VariableSelectionNetwork, quantile_loss,
+    DecoderPositions, GatedLinearUnit, GatedResidualNetwork, InterpretableMultiHeadAttention, LSTMEncoderDecoder,
+    QuantileOutput, StaticCovariateEncoder, VariableSelectionNetwork, quantile_loss,
 )
+from vn30_qlib.model_files import read_model, write_model
 from vn30_qlib.models.training import _take_rows
 from vn30_qlib.models.tft_inputs import (CALENDAR_FEATURES, calendar_features, static_codes, validate_known_future,
                                          day_means, relative_to_sector)
@@ -172,6 +173,24 @@ def test_known_future_inputs_are_only_calendar_facts():
     assert validate_known_future(CALENDAR_FEATURES) == list(CALENDAR_FEATURES)
 
 
+def test_without_known_future_inputs_the_decoder_is_fed_learnt_positions():
+    """``known_future: []``: the decoder's input is one learnt vector per position, the same for every row, which
+    the loss trains, and the forecasts still differ by row (through the past window)."""
+    torch.manual_seed(0)
+    net = TemporalFusionNetwork(n_past=5, n_future=0, horizons=3, n_quantiles=3, hidden_size=8,
+                                variable_hidden_size=4, attention_hidden_size=4, num_heads=2, dropout=0.0)
+    assert isinstance(net.future_selection, DecoderPositions)
+    x = TFTBatch(torch.tensor([[1, 2], [3, 4]]), torch.randn(2, 6, 5), torch.zeros(2, 3, 0))
+    output, weights = net.interpret(x)
+    assert output.shape == (2, 3, 3) and weights.future.shape == (2, 3, 0)
+    assert not torch.allclose(output[0], output[1])
+    output.sum().backward()
+    assert net.future_selection.position.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"DecoderPositions takes \(batch, 3, 0\) inputs"):
+        net(x._replace(future=torch.zeros(2, 3, 1)))
+    assert validate_known_future([]) == []
+
+
 def test_calendar_features_around_tet_2023():
     """Tet 2023 is Sun 22 Jan: HOSE closed Fri 20 .. Thu 26 Jan."""
     cal = calendar_features(hose_trading_days("2022-12-01", "2023-03-31"))
@@ -303,6 +322,22 @@ def test_sector_relative_inputs_are_each_feature_less_its_sectors_mean_of_the_da
     assert model.past_names == (list(features.columns) + [f"{name}_day_mean" for name in features.columns]
                                 + list(relative.columns) + list(CALENDAR_FEATURES))
     assert model.predict(data).notna().all()
+
+
+def test_a_tft_without_calendar_inputs_recovers_the_planted_signal_and_reloads(sim_provider, tmp_path):
+    """``known_future: []``: no calendar input anywhere (past or future), no future-selection table, the planted
+    signal still found, and the stored model predicts exactly the same after a reload."""
+    data = dataset(sim_provider(0.1))
+    model = TFT(**{**SMALL, "known_future": [], "importance_repeats": 1})
+    model.fit(data)
+    features = data.handler.fetch(col_set="feature", data_key=DataHandlerLP.DK_I)
+    assert model.past_names == list(features.columns)
+    assert model.calendar_mean.empty and list(model.importance) == ["static", "past", "attention", "permutation"]
+    assert rank_ic(model, data) > 0.05
+    write_model(model, tmp_path / "model")
+    config = {"class": "TFT", "module_path": "vn30_qlib.models.tft", "kwargs": {**SMALL, "known_future": []}}
+    restored = read_model(config, tmp_path / "model")
+    pd.testing.assert_series_equal(restored.predict(data), model.predict(data))
 
 
 def test_tft_finds_nothing_in_pure_noise(sim_provider):

@@ -49,7 +49,8 @@ STATIC_CARDINALITIES: tuple[int, ...] = (len(INSTRUMENTS), len(SECTOR_NAMES))
 
 
 def validate_known_future(names: Iterable[str]) -> list[str]:
-    """``names`` as a list, if every one is a calendar fact; a ValueError naming the intruders otherwise."""
+    """``names`` as a list, if every one is a calendar fact; a ValueError naming the intruders otherwise. Empty is
+    valid: a TFT without calendar inputs (its decoder then sees only its positions)."""
     names = list(names)
     unknown = [name for name in names if name not in CALENDAR_FEATURES]
     if unknown:
@@ -57,8 +58,6 @@ def validate_known_future(names: Iterable[str]) -> list[str]:
             f"known-future inputs must be calendar facts, got {unknown}: a price/volume column is only known "
             f"up to day t and belongs to the past inputs. Valid names: {list(CALENDAR_FEATURES)}"
         )
-    if not names:
-        raise ValueError("the TFT needs at least one known-future calendar input")
     return names
 
 

@@ -24,24 +24,24 @@ def weights_summary(weights: list[TFTWeights], n: int, past_names: Sequence[str]
                     step_len: int, horizons: int) -> dict[str, pd.Series | pd.DataFrame]:
     """Mean over ``n`` rows (``weights``: one `TFTWeights` per chunk of rows) of the variable-selection weights
     (static, past, future) and of the attention by lag (rows: lag in days before t, negative for the known-future
-    days; columns: horizon)."""
+    days; columns: horizon). With no known-future inputs there is no ``future`` table."""
 
     def mean(name: str) -> np.ndarray:
         parts = [getattr(w, name) for w in weights]
-        total = sum(p.reshape(p.shape[0], -1, p.shape[-1]).sum(dim=(0, 1)) if name != "attention"
-                    else p.sum(dim=0) for p in parts)
+        total = sum(p.flatten(0, -2).sum(dim=0) if name != "attention" else p.sum(dim=0) for p in parts)
         steps = 1 if name in ("static", "attention") else parts[0].shape[1]
         return (total / (n * steps)).cpu().numpy()
 
     lags = np.arange(step_len - 1, -horizons - 1, -1)  # key day = t - lag
     attention = pd.DataFrame(mean("attention").T, index=pd.Index(lags, name="lag"),
                              columns=[f"h{h}" for h in range(1, horizons + 1)])
-    return {
+    tables = {
         "static": pd.Series(mean("static"), index=list(STATIC_FEATURES), name="weight"),
         "past": pd.Series(mean("past"), index=list(past_names), name="weight"),
         "future": pd.Series(mean("future"), index=list(future_names), name="weight"),
         "attention": attention,
     }
+    return tables if future_names else {key: table for key, table in tables.items() if key != "future"}
 
 
 def permutation_importance(forecast: Callable[[np.ndarray], torch.Tensor], past: np.ndarray, index: pd.MultiIndex,

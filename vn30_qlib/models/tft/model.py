@@ -5,7 +5,8 @@ Inputs per (day t, instrument):
 - past, days t-L+1..t: the handler's features (processed on day t's information only), with ``market_context``
   each feature's mean over the day's names (`tft_inputs.day_means`), with ``sector_relative`` each feature
   less its sector's mean (`tft_inputs.relative_to_sector`), and the calendar facts of those days;
-- known future, days t+1..t+H: calendar facts only (`tft_inputs.CALENDAR_FEATURES`; anything else is rejected).
+- known future, days t+1..t+H: calendar facts only (`tft_inputs.CALENDAR_FEATURES`; anything else is rejected),
+  or none (the decoder then sees its positions alone).
 
 Outputs: for each horizon h = 1..H (the return from close t+h to close t+h+1, the handler's LABEL{h-1}) the
 ``quantiles`` of that label as the handler's learn processors leave it (VN30TFT: the return z-scored across the
@@ -47,10 +48,10 @@ class _Panel:
     calendar facts of those days, the calendar facts of the next H days, and static codes."""
 
     def __init__(self, features: pd.DataFrame, calendar: pd.DataFrame, horizons: int, step_len: int):
-        days = features.index.get_level_values("datetime")
-        past_calendar = calendar.reindex(days).to_numpy()
-        if np.isnan(past_calendar).any():
+        day = calendar.index.get_indexer(features.index.get_level_values("datetime"))
+        if (day < 0).any():
             raise ValueError("the handler has days that are not in the provider's calendar")
+        past_calendar = calendar.to_numpy()[day]
         panel = pd.DataFrame(np.hstack([features.to_numpy("float32"), past_calendar]), index=features.index,
                              columns=list(features.columns) + list(calendar.columns))
         self.windows = SequenceWindows(panel, step_len)
@@ -91,7 +92,8 @@ class TFT(SequenceModel):
 
     ``predict`` returns the median forecast of horizon 1 (the handler's LABEL0), the score Qlib's records and
     backtest use; ``predict_quantiles`` returns every quantile of every horizon. ``known_future``: the calendar
-    facts fed for days t+1..t+H (validated: only `CALENDAR_FEATURES`). The label is the handler's learnt one
+    facts fed for days t+1..t+H and as past inputs (validated: only `CALENDAR_FEATURES`; ``[]``: none, and the
+    decoder is fed its positions alone, `DecoderPositions`). The label is the handler's learnt one
     (DK_L; a raw return if its learn processors only drop NaN), scaled for training by its train-segment sd per
     horizon; calendar inputs are standardised with train-segment statistics.
     ``metric``, ``average_best`` and ``loop_options`` (``early_stop``, ``grad_clip``, ``seed``, ``device``,

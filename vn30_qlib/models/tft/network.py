@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from vn30_qlib.models.tft.sub_modules import (
-    GateAddNorm, GatedResidualNetwork, InterpretableMultiHeadAttention, LSTMEncoderDecoder, QuantileOutput,
-    StaticContexts, StaticCovariateEncoder, VariableSelectionNetwork,
+    DecoderPositions, GateAddNorm, GatedResidualNetwork, InterpretableMultiHeadAttention, LSTMEncoderDecoder,
+    QuantileOutput, StaticContexts, StaticCovariateEncoder, VariableSelectionNetwork,
 )
 from vn30_qlib.models.tft_inputs import STATIC_CARDINALITIES
 
@@ -44,8 +44,10 @@ class TemporalFusionNetwork(nn.Module):
         self.horizons = horizons
         self.static_encoder = StaticCovariateEncoder(static_cardinalities, variable_hidden_size, hidden_size, dropout)
         self.past_selection = VariableSelectionNetwork(n_past, variable_hidden_size, hidden_size, hidden_size, dropout)
-        self.future_selection = VariableSelectionNetwork(n_future, variable_hidden_size, hidden_size, hidden_size,
-                                                         dropout)
+        # with no known-future input (``n_future`` 0) the decoder is fed its positions alone
+        self.future_selection = (
+            VariableSelectionNetwork(n_future, variable_hidden_size, hidden_size, hidden_size, dropout) if n_future
+            else DecoderPositions(horizons, hidden_size))
         self.lstm = LSTMEncoderDecoder(hidden_size, dropout)
         self.enrichment = GatedResidualNetwork(hidden_size, hidden_size, hidden_size, hidden_size, dropout)
         self.attention = InterpretableMultiHeadAttention(hidden_size, num_heads, attention_hidden_size, dropout)

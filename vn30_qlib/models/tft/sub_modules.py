@@ -155,6 +155,22 @@ class VariableSelectionNetwork(nn.Module):
         return self.project(mixed), weights
 
 
+class DecoderPositions(nn.Module):
+    """The decoder's input when no known-future variable is given: one learnt vector per decoder position (day
+    t+1+i), the same for every row, in place of a variable selection over nothing. (B, H, 0) inputs ->
+    (B, H, hidden_size) and empty weights (B, H, 0), the shapes `VariableSelectionNetwork` gives."""
+
+    def __init__(self, horizons: int, hidden_size: int):
+        super().__init__()
+        self.position = nn.Parameter(torch.randn(horizons, hidden_size) * 0.1)
+
+    def forward(self, inputs: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if inputs.shape[1:] != (self.position.shape[0], 0):
+            raise ValueError(f"DecoderPositions takes (batch, {self.position.shape[0]}, 0) inputs, "
+                             f"got {tuple(inputs.shape)}")
+        return self.position.expand(inputs.shape[0], -1, -1), inputs
+
+
 class StaticContexts(NamedTuple):
     """The static covariate encoder's output: ``contexts`` (B, 4, hidden), for variable selection, the LSTM's
     initial hidden and cell state and static enrichment, in that order; ``weights`` (B, n_static) its selection."""
