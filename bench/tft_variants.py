@@ -56,6 +56,8 @@ VARIANTS: dict[str, tuple[str, dict, dict, dict | None]] = {
     "no_calendar": (TFT, {"known_future": []}, {}, None),
     "ema_0.99": (TFT, {"ema_decay": 0.99, "average_best": 1}, {}, None),
     "lr_plateau": (TFT, {"lr_schedule": "plateau"}, {}, None),
+    # cosine annealing over a fixed budget of 20 epochs (the default's fits ran 11-22), not cut by early stopping
+    "lr_cosine_20": (TFT, {"lr_schedule": "cosine", "n_epochs": 20, "early_stop": 20}, {}, None),
     "market_context": (TFT, {"market_context": True}, {}, None),
     "sector_relative": (TFT, {"sector_relative": True}, {}, None),
     "weight_decay_0.01": (TFT, {"weight_decay": 0.01}, {}, None),

@@ -68,10 +68,16 @@ class RecordingSGD(torch.optim.SGD):
         return result
 
 
+class Interrupted(Exception):
+    """A fit stopped from outside (`fit_linear`'s ``interrupt_after``)."""
+
+
 def fit_linear(average_best: int, n_epochs: int = 8, names_per_day: int = 8, chunk_rows: int | None = None,
-               halved_input: bool = False, **loop_options) -> tuple[torch.nn.Linear, list[dict], dict[int, dict]]:
+               halved_input: bool = False, interrupt_after: int | None = None,
+               **loop_options) -> tuple[torch.nn.Linear, list[dict], dict[int, dict]]:
     """A noisy linear fit with a large learning rate, so the valid IC moves up and down across epochs.
-    ``loop_options``: further `LoopConfig` fields.
+    ``loop_options``: further `LoopConfig` fields; ``interrupt_after``: raise `Interrupted` once this epoch ends
+    (a killed fit).
 
     Returns the module as the loop left it, the history and each epoch's weights (seen by ``on_epoch``); the
     module's ``optimizer`` is a `RecordingSGD`."""
@@ -91,6 +97,8 @@ def fit_linear(average_best: int, n_epochs: int = 8, names_per_day: int = 8, chu
 
     def keep(epoch: int, row: dict) -> None:
         weights[epoch] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        if epoch == interrupt_after:
+            raise Interrupted
 
     config = LoopConfig(n_epochs=n_epochs, early_stop=n_epochs, metric="ic", average_best=average_best,
                         on_epoch=keep, chunk_rows=chunk_rows, **loop_options)
@@ -170,10 +178,19 @@ def test_plateau_schedule_halves_the_rate_after_two_epochs_without_a_better_vali
     assert set(constant.optimizer.lrs) == {0.3}
 
 
-def test_a_fit_with_averaging_and_a_schedule_resumes_exactly(tmp_path):
-    options = {"ema_decay": 0.8, "lr_schedule": "plateau", "checkpoint_path": tmp_path / "fit.pt"}
+def test_cosine_schedule_anneals_the_rate_over_n_epochs_by_a_half_cosine():
+    module, history, _ = fit_linear(average_best=1, n_epochs=12, lr_schedule="cosine")
+    assert len(history) == 12
+    expected = [0.3 * (1 + np.cos(np.pi * epoch / 12)) / 2 for epoch in range(12) for _ in range(8)]
+    np.testing.assert_allclose(module.optimizer.lrs, expected)
+
+
+@pytest.mark.parametrize("schedule", ["plateau", "cosine"])
+def test_a_fit_with_averaging_and_a_schedule_resumes_exactly(tmp_path, schedule):
+    options = {"ema_decay": 0.8, "lr_schedule": schedule, "checkpoint_path": tmp_path / "fit.pt"}
     straight, straight_history, _ = fit_linear(average_best=2, n_epochs=10, **{**options, "checkpoint_path": None})
-    fit_linear(average_best=2, n_epochs=5, **options)
+    with pytest.raises(Interrupted):
+        fit_linear(average_best=2, n_epochs=10, interrupt_after=4, **options)
     resumed, history, _ = fit_linear(average_best=2, n_epochs=10, resume=True, **options)
     assert history == straight_history
     for name, value in resumed.state_dict().items():
@@ -200,7 +217,7 @@ def test_adam_without_weight_decay_steps_exactly_as_plain_adam_and_with_it_shrin
 
 
 @pytest.mark.parametrize("options, refused", [({"ema_decay": 1.0}, "ema_decay"), ({"ema_decay": True}, "ema_decay"),
-                                              ({"lr_schedule": "cosine"}, "lr_schedule"),
+                                              ({"lr_schedule": "linear"}, "lr_schedule"),
                                               ({"weight_decay": -0.1}, "weight_decay")])
 def test_bad_averaging_or_schedule_is_refused_when_the_model_is_made(options, refused):
     from vn30_qlib.models.lstm import LSTM

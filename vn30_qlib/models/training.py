@@ -243,7 +243,7 @@ class SequenceModel(CpuPickledModel, Model):
     ``VN30_CPU_KERNELS=0/1`` beats it): speed only, the same model either way. ``ema_decay``: validate, keep and
     restore the exponential moving average of the weights over training steps instead of the weights themselves
     (None: off); ``lr_schedule``: "plateau" halves the learning rate after 2 epochs without a better valid
-    ``metric`` (None: constant); ``weight_decay``: AdamW's decoupled decay of the weights per step (0: Adam).
+    ``metric``, "cosine" anneals it to 0 over ``n_epochs`` by a half cosine, stepped per epoch (None: constant); ``weight_decay``: AdamW's decoupled decay of the weights per step (0: Adam).
     """
 
     checkpoint_name = "model.pt"
@@ -318,7 +318,8 @@ class LoopConfig:
     resume: bool = False            # continue from checkpoint_path if it exists
     on_epoch: Callable[[int, dict], None] | None = None   # called with each history row (a search prunes here)
     ema_decay: float | None = None  # validate and keep the steps' exponential moving average of the weights
-    lr_schedule: str | None = None  # "plateau": halve the learning rate after 2 epochs without a better valid metric
+    lr_schedule: str | None = None  # "plateau": halve the learning rate after 2 epochs without a better valid metric;
+                                    # "cosine": anneal it to 0 over n_epochs by a half cosine, per epoch
 
     def __post_init__(self) -> None:
         decay = self.ema_decay
@@ -328,7 +329,7 @@ class LoopConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
 
 
-LR_SCHEDULES = (None, "plateau")
+LR_SCHEDULES = (None, "plateau", "cosine")
 
 
 class WeightAverage:
@@ -387,7 +388,8 @@ def fit_epochs(
     epoch (and the best state so far) is saved there, so ``resume=True`` continues an interrupted fit exactly.
     With ``config.ema_decay`` the weights validated, kept among the best and restored are the `WeightAverage`
     of the steps so far (training goes on from the raw weights); with ``config.lr_schedule`` "plateau" the
-    learning rate halves after 2 epochs without a better valid metric.
+    learning rate halves after 2 epochs without a better valid metric, with "cosine" epoch e (from 0) trains at
+    lr (1 + cos(pi e / n_epochs)) / 2.
     """
     if config.metric not in ("loss", "ic"):
         raise ValueError(f"metric must be 'loss' or 'ic', got {config.metric!r}")
@@ -401,9 +403,7 @@ def fit_epochs(
     path = Path(config.checkpoint_path) if config.checkpoint_path is not None else None
     # best_states: (score, epoch, weights) of the average_best best epochs so far, best first; the first one
     # (the earliest on a tie) is the best epoch, which early stopping counts from
-    scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2,
-                                                            threshold=0.0)
-                 if config.lr_schedule == "plateau" else None)
+    scheduler = _lr_scheduler(optimizer, config)
     state = {"epoch": -1, "best_states": [], "history": [], "average": None, "scheduler": None}
     if config.resume and path is not None and path.is_file():
         state = {"average": None, "scheduler": None, **_load_checkpoint(path, module, optimizer)}
@@ -441,8 +441,10 @@ def fit_epochs(
             del best[config.average_best:]
         if raw is not None:
             module.load_state_dict(raw)
-        if scheduler is not None and np.isfinite(score):
+        if config.lr_schedule == "plateau" and np.isfinite(score):
             scheduler.step(score)
+        elif config.lr_schedule == "cosine":
+            scheduler.step()
         improved = bool(best) and best[0][1] == epoch
         state["epoch"] = epoch
         state["average"] = None if average is None else average.state()
@@ -463,6 +465,15 @@ def fit_epochs(
                     f"{', '.join(map(str, epochs))} (best valid {config.metric})")
     module.eval()
     return state["history"]
+
+
+def _lr_scheduler(optimizer: torch.optim.Optimizer, config: LoopConfig):
+    """The torch scheduler of ``config.lr_schedule`` (None: a constant rate)."""
+    if config.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2, threshold=0.0)
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.n_epochs)
+    return None
 
 
 def _train_one_epoch(module, optimizer, batches: Iterable[Batch], loss_fn: LossFn, grad_clip: float | None,
