@@ -71,6 +71,7 @@ ENSEMBLES: dict[str, list[str]] = {
     "tft_seed_ensemble": ["default"],
     "ic_loss_seed_ensemble": ["ic_loss_0.5"],
     "market_context_seed_ensemble": ["market_context"],
+    "no_calendar_seed_ensemble": ["no_calendar"],
     "rank_label_seed_ensemble": ["rank_label"],
     "lstm_tft": ["lstm", "default"],
     "lgb_lstm_tft": ["lgb", "lstm", "default"],

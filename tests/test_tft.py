@@ -325,8 +325,12 @@ def test_sector_relative_inputs_are_each_feature_less_its_sectors_mean_of_the_da
 
 
 def test_a_tft_without_calendar_inputs_recovers_the_planted_signal_and_reloads(sim_provider, tmp_path):
-    """``known_future: []``: no calendar input anywhere (past or future), no future-selection table, the planted
-    signal still found, and the stored model predicts exactly the same after a reload."""
+    """``known_future: []``: no calendar input anywhere (past or future), no future-selection table (nor its
+    artifact), the planted signal still found, and the stored model predicts exactly the same after a reload."""
+    from qlib.workflow import R
+
+    from vn30_qlib.loop import sqlite_tracking_uri
+
     data = dataset(sim_provider(0.1))
     model = TFT(**{**SMALL, "known_future": [], "importance_repeats": 1})
     model.fit(data)
@@ -334,6 +338,12 @@ def test_a_tft_without_calendar_inputs_recovers_the_planted_signal_and_reloads(s
     assert model.past_names == list(features.columns)
     assert model.calendar_mean.empty and list(model.importance) == ["static", "past", "attention", "permutation"]
     assert rank_ic(model, data) > 0.05
+    with R.start(experiment_name="no_calendar", uri=sqlite_tracking_uri(tmp_path)):
+        recorder = R.get_recorder()
+        assert 0.6 < model.record_diagnostics(data, recorder)["tft_coverage_10_90"] < 0.95
+        listed = {a.path for a in recorder.client.list_artifacts(recorder.id, "tft")}
+    assert {"tft/past_selection.csv", "tft/attention_by_lag.png"} <= listed
+    assert not any("future_selection" in path for path in listed)
     write_model(model, tmp_path / "model")
     config = {"class": "TFT", "module_path": "vn30_qlib.models.tft", "kwargs": {**SMALL, "known_future": []}}
     restored = read_model(config, tmp_path / "model")
