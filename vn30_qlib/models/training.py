@@ -243,7 +243,8 @@ class SequenceModel(CpuPickledModel, Model):
     ``VN30_CPU_KERNELS=0/1`` beats it): speed only, the same model either way. ``ema_decay``: validate, keep and
     restore the exponential moving average of the weights over training steps instead of the weights themselves
     (None: off); ``lr_schedule``: "plateau" halves the learning rate after 2 epochs without a better valid
-    ``metric``, "cosine" anneals it to 0 over ``n_epochs`` by a half cosine, stepped per epoch (None: constant); ``weight_decay``: AdamW's decoupled decay of the weights per step (0: Adam).
+    ``metric``, "cosine" anneals it to 0 over ``n_epochs`` by a half cosine, stepped per epoch (None: constant);
+    ``weight_decay``: AdamW's decoupled decay of the weights per step (0: Adam).
     """
 
     checkpoint_name = "model.pt"

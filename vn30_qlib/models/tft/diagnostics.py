@@ -28,7 +28,8 @@ def weights_summary(weights: list[TFTWeights], n: int, past_names: Sequence[str]
 
     def mean(name: str) -> np.ndarray:
         parts = [getattr(w, name) for w in weights]
-        total = sum(p.flatten(0, -2).sum(dim=0) if name != "attention" else p.sum(dim=0) for p in parts)
+        total = sum(p.reshape(p.shape[0], -1, p.shape[-1]).sum(dim=(0, 1)) if name != "attention"
+                    else p.sum(dim=0) for p in parts)
         steps = 1 if name in ("static", "attention") else parts[0].shape[1]
         return (total / (n * steps)).cpu().numpy()
 
@@ -38,10 +39,11 @@ def weights_summary(weights: list[TFTWeights], n: int, past_names: Sequence[str]
     tables = {
         "static": pd.Series(mean("static"), index=list(STATIC_FEATURES), name="weight"),
         "past": pd.Series(mean("past"), index=list(past_names), name="weight"),
-        "future": pd.Series(mean("future"), index=list(future_names), name="weight"),
-        "attention": attention,
     }
-    return tables if future_names else {key: table for key, table in tables.items() if key != "future"}
+    if future_names:
+        tables["future"] = pd.Series(mean("future"), index=list(future_names), name="weight")
+    tables["attention"] = attention
+    return tables
 
 
 def permutation_importance(forecast: Callable[[np.ndarray], torch.Tensor], past: np.ndarray, index: pd.MultiIndex,
